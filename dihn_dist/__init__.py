@@ -1,0 +1,3 @@
+"""Distributed Deep Incremental Hashing (DIHN) for image retrieval."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,258 @@
+"""The mathematical core of ADSH and DIHN: similarity, losses and the discrete code update (DCC).
+
+Pure tensor functions: no I/O, no torch.distributed, the same code on CPU and CUDA (everything runs on
+the device of its inputs). Notation follows NOTES section 1: m sampled items, n database items, c bits,
+L label columns; codes are +-1; labels are 0/1 multi-hot rows (one-hot for single-label datasets).
+
+The m x n similarity between the sample and the database is never materialised whole: single-label
+data factorizes (S = 2 Y_s Y_db^T - 1), multi-label data is processed in blocks of database rows.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Database rows per block when the similarity has to be formed explicitly (multi-label data).
+# m = 2,000 x 16,384 float32 = 128 MiB for the block: bounded whatever n is.
+DEFAULT_BLOCK_ROWS = 16384
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: every public function names the argument and what it found.
+
+def check_codes(name: str, codes: torch.Tensor, code_length: Optional[int] = None) -> None:
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor of +-1 codes, got {_describe(codes)}")
+    if code_length is not None and codes.shape[1] != code_length:
+        raise ValueError(f"{name}: expected {code_length} bits per row, got shape {tuple(codes.shape)}")
+    if codes.numel() and not bool(((codes == 1) | (codes == -1)).all()):
+        bad = codes[(codes != 1) & (codes != -1)].flatten()[:5].tolist()
+        raise ValueError(f"{name}: codes must be +-1, found values such as {bad}")
+
+
+def check_labels(name: str, labels: torch.Tensor, width: Optional[int] = None) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D 0/1 label matrix, got {_describe(labels)}")
+    if width is not None and labels.shape[1] != width:
+        raise ValueError(f"{name}: expected {width} label columns, got shape {tuple(labels.shape)}")
+    if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
+        bad = labels[(labels != 0) & (labels != 1)].flatten()[:5].tolist()
+        raise ValueError(f"{name}: labels must be 0/1, found values such as {bad}")
+
+
+def check_rows(name: str, tensor: torch.Tensor, rows: int, other: str) -> None:
+    if tensor.shape[0] != rows:
+        raise ValueError(f"{name}: has {tensor.shape[0]} rows but {other} has {rows}")
+
+
+def check_nonempty(name: str, tensor: torch.Tensor) -> None:
+    if tensor.numel() == 0:
+        raise ValueError(f"{name}: is empty (shape {tuple(tensor.shape)})")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return f"{type(x).__name__}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Similarity
+
+def is_single_label(labels: torch.Tensor) -> bool:
+    """True when every row has exactly one label: then S factorizes and no block is needed."""
+    return bool((labels.sum(dim=1) == 1).all())
+
+
+def similarity(labels_a: torch.Tensor, labels_b: torch.Tensor, r: Optional[float] = None) -> torch.Tensor:
+    """Dense similarity block: +1 where rows share a label, -1 elsewhere; soft form S*(1+r)-r when r is given.
+
+    Meant for bounded blocks (a training batch against the database, one block of rows): the caller
+    decides the size. Returns float32 on the device of the labels.
+    """
+    shared = (labels_a.float() @ labels_b.float().T) > 0
+    s = shared.float() * 2 - 1
+    if r is not None:
+        s = s * (1 + r) - r
+    return s
+
+
+def count_similar_pairs(sample_labels: torch.Tensor, db_labels: torch.Tensor,
+                        block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
+    """Number of (sample, database item) pairs that share at least one label."""
+    ys = sample_labels.float()
+    if is_single_label(sample_labels) and is_single_label(db_labels):
+        return int((ys.sum(0) * db_labels.float().sum(0)).sum().item())
+    total = 0
+    for start in range(0, db_labels.shape[0], block_rows):
+        block = db_labels[start:start + block_rows].float()
+        total += int(((ys @ block.T) > 0).sum().item())
+    return total
+
+
+def soft_similarity_offset(sample_labels: torch.Tensor, db_labels: torch.Tensor,
+                           block_rows: int = DEFAULT_BLOCK_ROWS) -> float:
+    """r = sum(S) / sum(1 - S) over the sampled block (m x n), for the soft form S*(1+r)-r.
+
+    With P similar and N dissimilar pairs, sum(S) = P - N and sum(1 - S) = 2N; the soft form keeps
+    positives at 1 and moves negatives to -P/N, i.e. towards 0 when positives are rare.
+    """
+    check_labels("sample_labels", sample_labels)
+    check_labels("db_labels", db_labels, sample_labels.shape[1])
+    total = sample_labels.shape[0] * db_labels.shape[0]
+    positives = count_similar_pairs(sample_labels, db_labels, block_rows)
+    negatives = total - positives
+    if negatives == 0:
+        # Every pair is similar: S is all ones and the soft form changes nothing.
+        return 0.0
+    return (positives - negatives) / (2.0 * negatives)
+
+
+def similarity_transpose_times(sample_labels: torch.Tensor, db_labels: torch.Tensor, U: torch.Tensor,
+                               r: Optional[float] = None, block_rows: int = DEFAULT_BLOCK_ROWS,
+                               factorize: Optional[bool] = None) -> torch.Tensor:
+    """S^T U (n x c) for the m x n similarity S of the sample to the database, without forming S whole.
+
+    Uses S = 2 [share] - 1 and, in soft form, S*(1+r)-r = (1+r) S - r, so
+        S^T U = (1+r) (2 [share]^T U - 1 colsum(U)) - r 1 colsum(U).
+    Single-label rows factorize: [share]^T U = Y_db (Y_s^T U), O(n L c). Otherwise [share] is formed
+    one block of database rows at a time (memory m x block_rows).
+    """
+    U = U.float()
+    ys = sample_labels.to(U.dtype)
+    column_sums = U.sum(dim=0)
+    if factorize is None:
+        factorize = is_single_label(sample_labels) and is_single_label(db_labels)
+    if factorize:
+        shared_t_u = db_labels.to(U.dtype) @ (ys.T @ U)
+    else:
+        shared_t_u = torch.empty(db_labels.shape[0], U.shape[1], dtype=U.dtype, device=U.device)
+        for start in range(0, db_labels.shape[0], block_rows):
+            block = db_labels[start:start + block_rows].to(U.dtype)
+            shared = ((block @ ys.T) > 0).to(U.dtype)  # block_rows x m
+            shared_t_u[start:start + block.shape[0]] = shared @ U
+    hard = 2 * shared_t_u - column_sums
+    if r is None:
+        return hard
+    return (1 + r) * hard - r * column_sums
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses (per batch; the trainer divides by batch size * n, NOTES section 1)
+
+def pairwise_hash_loss(outputs: torch.Tensor, database_codes: torch.Tensor, batch_similarity: torch.Tensor,
+                       code_length: int) -> torch.Tensor:
+    """sum_i sum_j (F_i . B_j - c S_ij)^2 over a batch (rows of outputs) and the whole database."""
+    inner = outputs @ database_codes.to(outputs.dtype).T
+    return ((inner - code_length * batch_similarity) ** 2).sum()
+
+
+def quantization_loss(outputs: torch.Tensor, own_codes: torch.Tensor) -> torch.Tensor:
+    """sum_i ||B_db(i) - F_i||^2, own_codes = the codes at each batch item's *database* position."""
+    return ((own_codes.to(outputs.dtype) - outputs) ** 2).sum()
+
+
+def bit_balance_loss(bit_sums: torch.Tensor) -> torch.Tensor:
+    """sum_k (sum_i F_ik)^2 from the per-bit sums over the whole (global) batch."""
+    return (bit_sums ** 2).sum()
+
+
+def loss_terms(outputs: torch.Tensor, database_codes: torch.Tensor, batch_similarity: torch.Tensor,
+               own_codes: torch.Tensor) -> dict:
+    """The ADSH terms of one batch, unweighted and unnormalised: {'hash', 'quantization'}."""
+    return {
+        "hash": pairwise_hash_loss(outputs, database_codes, batch_similarity, database_codes.shape[1]),
+        "quantization": quantization_loss(outputs, own_codes),
+    }
+
+
+def adsh_loss(outputs, database_codes, batch_similarity, own_codes, gamma: float, num_database: int):
+    """ADSH loss of one batch divided by (batch size * n)."""
+    terms = loss_terms(outputs, database_codes, batch_similarity, own_codes)
+    return (terms["hash"] + gamma * terms["quantization"]) / (outputs.shape[0] * num_database)
+
+
+def dihn_loss(outputs, database_codes, batch_similarity, own_codes, gamma: float, mu: float,
+              num_database: int):
+    """DIHN loss of one batch (ADSH + mu * per-bit balance) divided by (batch size * n)."""
+    terms = loss_terms(outputs, database_codes, batch_similarity, own_codes)
+    balance = bit_balance_loss(outputs.sum(dim=0))
+    return (terms["hash"] + gamma * terms["quantization"] + mu * balance) / (outputs.shape[0] * num_database)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Discrete cyclic coordinate descent
+
+def sign_keep(values: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """sgn(values) with +-1 only: an exact 0 keeps the previous bit (torch.sign would write a 0 bit)."""
+    return torch.where(values > 0, 1.0, torch.where(values < 0, -1.0, previous.to(values.dtype)))
+
+
+def dcc_objective(B: torch.Tensor, U: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """||B U^T||^2 - 2 tr(B^T P): the DCC objective up to a constant, as ||U^T B||^2 would need n x m."""
+    B = B.to(U.dtype)
+    gram = U.T @ U
+    return ((B @ gram) * B).sum() - 2 * (B * P).sum()
+
+
+def dcc_linear_term(U: torch.Tensor, sample_labels: torch.Tensor, db_labels: torch.Tensor,
+                    sample_pos: torch.Tensor, gamma: float, r: Optional[float] = None,
+                    block_rows: int = DEFAULT_BLOCK_ROWS, factorize: Optional[bool] = None) -> torch.Tensor:
+    """P = c * S^T U + gamma * Ubar (n x c), Ubar holding U's rows at the sampled items' positions."""
+    U = U.float()
+    code_length = U.shape[1]
+    P = code_length * similarity_transpose_times(sample_labels, db_labels, U, r, block_rows, factorize)
+    inside = sample_pos >= 0
+    P.index_add_(0, sample_pos[inside], gamma * U[inside])
+    return P
+
+
+def solve_dcc(B: torch.Tensor, U: torch.Tensor, sample_labels: torch.Tensor, db_labels: torch.Tensor,
+              sample_pos: torch.Tensor, gamma: float, r: Optional[float] = None,
+              block_rows: int = DEFAULT_BLOCK_ROWS, factorize: Optional[bool] = None) -> torch.Tensor:
+    """One DCC sweep over the bits of the codes being learned; returns new codes.
+
+    B (n x c, +-1, any dtype): current codes of the database part being learned. U (m x c float): the
+    network outputs of the m sampled items. sample_labels (m x L), db_labels (n x L): 0/1 labels.
+    sample_pos (m,) int64: each sampled item's row in B, or -1 when it is not in this part.
+    gamma: weight of the quantization term. r: None for the hard +-1 similarity, else the soft offset
+    (S*(1+r)-r) that the caller computed over the whole database.
+
+    For k = 0..c-1: B[:,k] = sgn(P[:,k] - B_{-k} (U_{-k}^T U[:,k])), P = c S^T U + gamma Ubar; an exact
+    0 keeps the previous bit. B_{-k} U_{-k}^T U[:,k] = B_{-k} G_{-k,k} with G = U^T U (c x c),
+    so a sweep costs O(n c^2) after P (O(m n c), bounded memory) and never forms an n x m product.
+    (G's column k is used with its k-th entry zeroed, which is exactly the sum over j != k.)
+
+    Returns a new tensor with B's shape, dtype and device; the inputs are not modified.
+    """
+    check_codes("B", B)
+    check_nonempty("B", B)
+    code_length = B.shape[1]
+    if not isinstance(U, torch.Tensor) or U.dim() != 2 or U.shape[1] != code_length:
+        raise ValueError(f"U: expected a 2-D tensor with {code_length} columns (B has {code_length} bits), "
+                         f"got {_describe(U)}")
+    check_nonempty("U", U)
+    if not bool(torch.isfinite(U).all()):
+        raise ValueError("U: contains NaN or inf")
+    check_labels("sample_labels", sample_labels)
+    check_rows("sample_labels", sample_labels, U.shape[0], "U")
+    check_labels("db_labels", db_labels, sample_labels.shape[1])
+    check_rows("db_labels", db_labels, B.shape[0], "B")
+    if sample_pos.dim() != 1 or sample_pos.shape[0] != U.shape[0]:
+        raise ValueError(f"sample_pos: expected shape ({U.shape[0]},) to match U, got {tuple(sample_pos.shape)}")
+    sample_pos = sample_pos.to(device=U.device, dtype=torch.long)
+    if sample_pos.numel() and (int(sample_pos.max()) >= B.shape[0] or int(sample_pos.min()) < -1):
+        raise ValueError(f"sample_pos: entries must be -1 or in [0, {B.shape[0]}), "
+                         f"found range [{int(sample_pos.min())}, {int(sample_pos.max())}]")
+
+    U = U.float()
+    P = dcc_linear_term(U, sample_labels, db_labels, sample_pos, gamma, r, block_rows, factorize)
+    gram = U.T @ U
+    codes = B.to(device=U.device, dtype=torch.float32, copy=True)
+    for k in range(code_length):
+        column = gram[:, k].clone()
+        column[k] = 0
+        others = codes @ column
+        codes[:, k] = sign_keep(P[:, k] - others, codes[:, k])
+    return codes.to(device=B.device, dtype=B.dtype)

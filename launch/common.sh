@@ -1,0 +1,76 @@
+# Set-up shared by every launch/ command: system packages, .venv, the package itself.
+# Sourced, not executed. Idempotent: a second run that finds everything in place takes seconds.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DIHN_VENV:-$REPO_ROOT/.venv}"
+CONSTRAINTS="${DIHN_CONSTRAINTS:-$REPO_ROOT/launch/constraints.txt}"
+PYTHON="${DIHN_PYTHON:-python3}"
+
+# FFCV 1.0.2 compiles against OpenCV and libjpeg-turbo; the dataset package is the embedded default data.
+APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev gcc g++ make dataset-fashion-mnist)
+
+log() { printf '[dihn_dist setup] %s\n' "$*" >&2; }
+die() { printf '[dihn_dist setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+missing_apt_packages() {
+  local pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || echo "$pkg"
+  done
+}
+
+ensure_apt_packages() {
+  command -v dpkg-query >/dev/null || { log "not a Debian system: make sure these are installed: ${*}"; return 0; }
+  local missing
+  missing=$(missing_apt_packages "$@" | tr '\n' ' ')
+  [ -z "${missing// }" ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    die "missing system packages: $missing
+  install them as root:   sudo apt-get install -y $missing
+  or, without root, use conda:  conda install -c conda-forge pkg-config opencv libjpeg-turbo compilers
+  and set DIHN_SKIP_APT=1 to skip this check."
+  fi
+  log "installing system packages: $missing"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+}
+
+ensure_python() {
+  if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    [ "${DIHN_SKIP_APT:-0}" = 1 ] && die "$PYTHON cannot create virtual environments (install python3-venv)"
+    ensure_apt_packages python3 python3-venv python3-dev
+    PYTHON=python3
+  fi
+}
+
+# Reinstall only when the inputs of the install change.
+install_stamp() {
+  cat "$REPO_ROOT/setup.cfg" "$REPO_ROOT/pyproject.toml" "$CONSTRAINTS" 2>/dev/null | sha256sum | cut -c1-16
+}
+
+ensure_venv() {
+  local stamp_file="$VENV/.dihn_dist_install" want
+  want="$(install_stamp)"
+  if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+    return 0
+  fi
+  [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+  log "installing dihn_dist[test] into $VENV (constraints: $CONSTRAINTS)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  # numpy/cython must be present before FFCV's source build looks for them.
+  PIP_CONSTRAINT="$CONSTRAINTS" "$VENV/bin/python" -m pip install -q numpy cython
+  PIP_CONSTRAINT="$CONSTRAINTS" "$VENV/bin/python" -m pip install -q --no-build-isolation -e "$REPO_ROOT[test]"
+  echo "$want" > "$stamp_file"
+}
+
+setup_all() {
+  if [ "${DIHN_SKIP_APT:-0}" != 1 ]; then
+    ensure_python
+    ensure_apt_packages "${APT_PACKAGES[@]}"
+  fi
+  ensure_venv
+  export PATH="$VENV/bin:$PATH"
+}
