@@ -1,0 +1,102 @@
+"""Hashing networks: a backbone whose last layer maps to c tanh outputs in (-1, 1).
+
+Pretrained weights are never downloaded: --pretrained takes a local torchvision state dict.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+import torchvision
+
+ARCHITECTURES = ("alexnet", "resnet50", "small-cnn")
+
+# What a user runs once on a machine with internet access to get a file for --pretrained.
+WEIGHTS_HINT = {
+    "alexnet": "torchvision.models.alexnet(weights='IMAGENET1K_V1')",
+    "resnet50": "torchvision.models.resnet50(weights='IMAGENET1K_V2')",
+}
+
+# The input side each architecture is built for, unless --resolution says otherwise.
+DEFAULT_RESOLUTION = {"alexnet": 224, "resnet50": 224, "small-cnn": 32}
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and two dense layers: trains from scratch on small images on a CPU.
+
+    No dropout and no batch norm, so N processes x batch b follow exactly the trajectory of one process
+    with batch N*b (the distributed equivalence test relies on it).
+    """
+
+    def __init__(self, code_length: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.hash_layer = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 512), nn.ReLU(inplace=True), nn.Linear(512, code_length),
+        )
+
+    def forward(self, images):
+        return torch.tanh(self.hash_layer(self.features(images)))
+
+
+class TorchvisionHashNet(nn.Module):
+    """A torchvision backbone whose classifier's last layer is replaced by the hash layer."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images):
+        return torch.tanh(self.backbone(images))
+
+
+def _torchvision_backbone(arch: str) -> nn.Module:
+    return getattr(torchvision.models, arch)(weights=None)
+
+
+def _replace_head(arch: str, backbone: nn.Module, code_length: int) -> None:
+    if arch == "alexnet":
+        backbone.classifier[6] = nn.Linear(backbone.classifier[6].in_features, code_length)
+    else:
+        backbone.fc = nn.Linear(backbone.fc.in_features, code_length)
+
+
+def load_pretrained(arch: str, backbone: nn.Module, path: Path) -> None:
+    """Load a local torchvision state dict into the backbone before its head is replaced."""
+    hint = (f"Get one on a machine with internet access: python -c \"import torchvision; "
+            f"{WEIGHTS_HINT[arch]}\" saves it under ~/.cache/torch/hub/checkpoints/; copy that .pth "
+            f"file here and pass its path.")
+    if not path.is_file():
+        raise FileNotFoundError(f"--pretrained {path}: no such file. {hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt or non-torch file
+        raise ValueError(f"--pretrained {path}: not a readable torch state dict ({error}). {hint}") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"--pretrained {path}: does not fit --arch {arch}: {str(error)[:500]}. {hint}") from error
+
+
+def build_model(arch: str, code_length: int, pretrained: Optional[str] = None) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"--arch: expected one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    if code_length <= 0:
+        raise ValueError(f"--code-length: expected a positive number of bits, got {code_length}")
+    if arch == "small-cnn":
+        if pretrained not in (None, "", "none"):
+            raise ValueError("--pretrained: the small-cnn trains from scratch; pass --pretrained none")
+        return SmallCNN(code_length)
+    backbone = _torchvision_backbone(arch)
+    if pretrained not in (None, "", "none"):
+        load_pretrained(arch, backbone, Path(pretrained))
+    _replace_head(arch, backbone, code_length)
+    return TorchvisionHashNet(backbone)
