@@ -179,7 +179,7 @@ def train_on_sample(model, optimizer, loader: TrainLoader, sample: torch.Tensor,
                 loss = loss + stage.mu * balance / normaliser
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(
-                    f"stage {stage.name}, iteration {iteration}, epoch {epoch}, step {step}: non-finite loss "
+                    f"stage {stage.name}, iteration {iteration + 1}, epoch {epoch + 1}, step {step + 1}: non-finite loss "
                     f"(hash {terms['hash'].item():.4g}, quantization {terms['quantization'].item():.4g}, "
                     f"balance {balance.item():.4g}); the last good checkpoint is kept")
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,210 @@
+"""End to end on a tiny prepared Fashion-MNIST set: stages, frozen codes, exports, resume, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dihn_dist import metrics, train
+
+TINY = ["--arch", "small-cnn", "--code-length", "8", "--max-epoch", "1", "--num-samples", "120",
+        "--batch-size", "32", "--lr", "1e-3", "--num-workers", "1", "--device", "cpu", "--seed", "3"]
+
+
+def run_train(data, out, *extra):
+    return train.main(["--data", str(data), "--out", str(out), *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "both"
+    assert run_train(tiny_prepared, out, "--max-iter", "2", "--stage", "all,retrain") == 0
+    return out
+
+
+def test_both_stages_leave_a_complete_run_folder(finished_run):
+    for name in ("config.json", "metrics.json", "train.log", "logs/rank0.log", "manifest.json"):
+        assert (finished_run / name).is_file(), name
+    for stage in ("original", "incremental", "retrain"):
+        for name in ("model.pt", "database_codes.npy", "database_codes.packed.npy", "query_codes.npy", "result.json"):
+            assert (finished_run / stage / name).is_file(), (stage, name)
+    assert any((finished_run / "tensorboard").iterdir())
+
+
+def test_original_codes_are_bit_identical_after_stage_two(finished_run):
+    original = np.load(finished_run / "original" / "database_codes.npy")
+    incremental = np.load(finished_run / "incremental" / "database_codes.npy")
+    assert incremental.shape[0] > original.shape[0]
+    assert np.array_equal(incremental[:original.shape[0]], original)
+    result = json.loads((finished_run / "incremental" / "result.json").read_text())
+    assert result["frozen_checksum_before"] == result["frozen_checksum_after"]
+    # and the learned part did move away from its random start in at least one bit
+    assert set(np.unique(incremental)) == {-1, 1}
+
+
+def test_packed_codes_match_int8_codes(finished_run):
+    codes = np.load(finished_run / "incremental" / "database_codes.npy")
+    packed = np.load(finished_run / "incremental" / "database_codes.packed.npy")
+    bits = np.unpackbits(packed, axis=1)[:, :codes.shape[1]]
+    assert np.array_equal(bits * 2 - 1, codes)
+
+
+def test_metrics_equal_map_recomputed_from_exported_codes(finished_run):
+    summary = json.loads((finished_run / "metrics.json").read_text())
+    db_labels = torch.from_numpy(np.load(finished_run / "database_labels.npy"))
+    query_labels = torch.from_numpy(np.load(finished_run / "query_labels.npy"))
+    for row in summary["rows"]:
+        stage = finished_run / row["stage"]
+        codes = torch.from_numpy(np.load(stage / "database_codes.npy"))
+        queries = torch.from_numpy(np.load(stage / "query_codes.npy"))
+        expected = metrics.mean_average_precision(queries, codes, query_labels, db_labels[:codes.shape[0]])
+        assert row["map_all"] == pytest.approx(expected, abs=1e-12)
+    assert [r["stage"] for r in summary["rows"]] == ["original", "incremental", "retrain"]
+    original_row = summary["rows"][0]
+    assert original_row["map_incremental_queries"] == 0.0  # no relevant item in the original database
+
+
+def test_rerun_without_resume_is_refused(finished_run, tiny_prepared):
+    with pytest.raises(ValueError, match="--resume"):
+        run_train(tiny_prepared, finished_run, "--max-iter", "2")
+
+
+def test_resume_with_other_settings_is_refused(finished_run, tiny_prepared):
+    with pytest.raises(ValueError, match="--code-length"):
+        train.main(["--data", str(tiny_prepared), "--out", str(finished_run), *TINY, "--max-iter", "2",
+                    "--code-length", "16", "--resume"])
+
+
+def _train_command(data, out, *extra):
+    return [sys.executable, "-m", "dihn_dist.train", "--data", str(data), "--out", str(out), *TINY, *extra]
+
+
+def test_killed_run_resumes_to_the_same_codes(tiny_prepared, tmp_path):
+    args = ["--max-iter", "4", "--stage", "original"]
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(tiny_prepared, reference, *args), check=True, capture_output=True)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(_train_command(tiny_prepared, interrupted, *args),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = interrupted / "checkpoints" / "original.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), "the run never wrote a checkpoint"
+    assert not (interrupted / "original" / "result.json").exists(), "the run finished before it was killed"
+    done = torch.load(checkpoint, weights_only=False)["iteration"]
+    assert done < 3
+
+    subprocess.run(_train_command(tiny_prepared, interrupted, *args, "--resume"), check=True, capture_output=True)
+    for name in ("database_codes.npy", "query_codes.npy"):
+        assert np.array_equal(np.load(reference / "original" / name), np.load(interrupted / "original" / name))
+    ref_model = torch.load(reference / "original" / "model.pt")
+    new_model = torch.load(interrupted / "original" / "model.pt")
+    assert all(torch.equal(ref_model[k], new_model[k]) for k in ref_model)
+
+
+def test_stage_two_from_another_run(finished_run, tiny_prepared, tmp_path):
+    out = tmp_path / "stage2"
+    assert run_train(tiny_prepared, out, "--max-iter", "1", "--stage", "incremental", "--old-run", str(finished_run)) == 0
+    old = np.load(finished_run / "original" / "database_codes.npy")
+    new = np.load(out / "incremental" / "database_codes.npy")
+    assert np.array_equal(new[:old.shape[0]], old)
+
+
+def test_old_run_with_other_code_length_is_refused(finished_run, tiny_prepared, tmp_path):
+    with pytest.raises(ValueError, match="code_length"):
+        train.main(["--data", str(tiny_prepared), "--out", str(tmp_path / "x"), *TINY, "--code-length", "16",
+                    "--max-iter", "1", "--stage", "incremental", "--old-run", str(finished_run)])
+
+
+def test_incremental_without_stage_one_is_refused(tiny_prepared, tmp_path):
+    with pytest.raises(FileNotFoundError, match="original stage"):
+        run_train(tiny_prepared, tmp_path / "x", "--max-iter", "1", "--stage", "incremental")
+
+
+def test_old_codes_that_are_not_plus_minus_one_are_refused(finished_run, tiny_prepared, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(finished_run, broken)
+    codes = np.load(broken / "original" / "database_codes.npy")
+    codes[0, 0] = 0
+    np.save(broken / "original" / "database_codes.npy", codes)
+    with pytest.raises(ValueError, match="must be \\+-1"):
+        run_train(tiny_prepared, tmp_path / "x", "--max-iter", "1", "--stage", "incremental", "--old-run", str(broken))
+
+
+def test_too_many_samples_is_refused(tiny_prepared, tmp_path):
+    with pytest.raises(ValueError, match="--num-samples"):
+        train.main(["--data", str(tiny_prepared), "--out", str(tmp_path / "x"), *TINY, "--num-samples", "100000"])
+
+
+def test_missing_data_folder_names_the_command(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match="prepare"):
+        train.main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), *TINY])
+
+
+def test_unknown_arch_is_refused(tiny_prepared, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--data", str(tiny_prepared), "--out", str(tmp_path / "x"), "--arch", "vgg"])
+    assert "--arch" in capsys.readouterr().err
+
+
+def test_pretrained_file_that_does_not_fit_is_refused(tmp_path):
+    from dihn_dist.models import build_model
+    bogus = tmp_path / "weights.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, bogus)
+    with pytest.raises(ValueError, match="does not fit --arch alexnet"):
+        build_model("alexnet", 12, str(bogus))
+    with pytest.raises(FileNotFoundError, match="IMAGENET1K_V1"):
+        build_model("alexnet", 12, str(tmp_path / "missing.pth"))
+
+
+def test_pretrained_state_dict_loads(tmp_path):
+    import torchvision
+    from dihn_dist.models import build_model
+    torch.manual_seed(0)
+    source = torchvision.models.alexnet(weights=None)
+    path = tmp_path / "alexnet.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model("alexnet", 12, str(path))
+    assert torch.equal(model.backbone.features[0].weight, source.features[0].weight)
+    assert model.backbone.classifier[6].out_features == 12
+
+
+def test_non_finite_loss_stops_with_the_iteration_and_keeps_checkpoint(tiny_prepared, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train.hashing.loss_terms
+
+    def poisoned(*args):
+        terms = real(*args)
+        calls["n"] += 1
+        if calls["n"] > 8:  # after the first outer iteration (4 steps of 32 of 120 items) has checkpointed
+            terms["hash"] = terms["hash"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train.hashing, "loss_terms", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="iteration 3, .*hash nan"):
+        run_train(tiny_prepared, out, "--max-iter", "3", "--stage", "original")
+    assert torch.load(out / "checkpoints" / "original.pt", weights_only=False)["iteration"] == 1
+
+
+def test_config_file_with_flag_override(tiny_prepared, tmp_path):
+    from dihn_dist.config import parse_config
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps({"code-length": 24, "max_iter": 7, "arch": "small-cnn"}))
+    config = parse_config(["--config", str(config_file), "--max-iter", "9"])
+    assert (config.code_length, config.max_iter, config.arch) == (24, 9, "small-cnn")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"code_lenght": 24}))
+    with pytest.raises(ValueError, match="unknown key 'code_lenght'"):
+        parse_config(["--config", str(bad)])
