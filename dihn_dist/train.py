@@ -13,6 +13,7 @@ the communication, and only rank 0 logs, writes TensorBoard, metrics and checkpo
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -62,6 +63,16 @@ def sample_positions(seed: int, stage: Stage, iteration: int, num_samples: int) 
     """The m database positions of one outer iteration, the same on every rank and after a resume."""
     generator = seeded_generator(seed, stage.seed_key, iteration)
     return torch.randperm(stage.num_database, generator=generator)[:num_samples]
+
+
+def raise_injected_failure(iteration: int) -> None:
+    """Fault injection for the tests: DIHN_FAIL_AT="rank=R,iteration=I" raises on rank R at iteration I."""
+    spec = os.environ.get("DIHN_FAIL_AT")
+    if not spec:
+        return
+    target = dict(item.split("=") for item in spec.split(","))
+    if int(target["rank"]) == dist.context().rank and int(target["iteration"]) == iteration + 1:
+        raise RuntimeError(f"injected failure (DIHN_FAIL_AT={spec}) on rank {dist.context().rank}")
 
 
 def binarize(outputs: torch.Tensor) -> torch.Tensor:
@@ -298,6 +309,7 @@ class StageRunner:
         frozen_before = codes_checksum(self.codes[:stage.num_frozen])
         for iteration in range(self.start_iteration, config.max_iter):
             started = time.perf_counter()
+            raise_injected_failure(iteration)
             sample = sample_positions(config.seed, stage, iteration, config.num_samples)
             r = self.soft_offset(sample.to(self.labels.device))
             outputs, positions, losses = train_on_sample(self.model, self.optimizer, self.loader, sample, self.codes,
