@@ -1,0 +1,414 @@
+"""Loading prepared data (see `dihn_dist.prepare`): the manifest and labels, per-rank batch schedules, and FFCV
+loaders for training (random subsets of database positions, swapped in place every outer iteration) and for
+encoding the query and database parts.
+
+Distributed training does not use FFCV's `distributed=True`: the trainer draws one subset order per epoch
+(the same on every rank), `batch_schedule` gives each rank its share of every global batch, and each rank's
+`TrainLoader` loads exactly that share in that order.
+
+FFCV traps handled here: batches reuse buffers (every tensor handed out is freshly allocated by the
+normalisation / dtype conversion, so callers may keep it); `num_workers` is always explicit (FFCV's -1 means
+every CPU of the host); on CUDA, uint8 images travel to the device and are normalised there, so the caller
+must select its CUDA device (torch.cuda.set_device) before building a loader.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from .prepare import FORMAT, FORMAT_VERSION, MANIFEST
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENTATIONS = ("crop-flip", "flip", "none")
+CROP_SCALE = (0.35, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+JPEG_EVAL_CROP = 224 / 256   # resize-256-then-centre-crop-224 as a crop of the shorter side
+PREPARE_HINT = "python -m dihn_dist.prepare --dataset NAME [--root SRC] --out {path}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The prepared folder
+
+
+@dataclass
+class PreparedData:
+    root: Path
+    manifest: dict
+    database_labels: np.ndarray   # (n, L) uint8
+    query_labels: np.ndarray      # (q, L) uint8
+    num_original: int             # database rows [0, num_original) are original-class items
+    num_seen: int
+
+    @property
+    def num_database(self) -> int:
+        return int(self.database_labels.shape[0])
+
+    @property
+    def num_query(self) -> int:
+        return int(self.query_labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.database_labels.shape[1])
+
+    @property
+    def dataset(self) -> str:
+        return str(self.manifest["dataset"])
+
+    @property
+    def image_size(self) -> int:
+        """Stored image side: the square side of raw images (28 Fashion-MNIST, 32 CIFAR-10), the longest side
+        (--max-side) of JPEG-stored images."""
+        image = self.manifest["image"]
+        return int(image["height"] if image["storage"] == "raw" else image["max_side"])
+
+    @property
+    def image_storage(self) -> str:
+        return str(self.manifest["image"]["storage"])
+
+    def beton(self, part: str) -> Path:
+        if part not in ("query", "database"):
+            raise ValueError(f"part: expected 'query' or 'database', got {part!r}")
+        return self.root / f"{part}.beton"
+
+
+def load_prepared(data_dir) -> PreparedData:
+    """Read and check a folder written by `python -m dihn_dist.prepare`."""
+    root = Path(data_dir)
+    hint = PREPARE_HINT.format(path=root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"prepared data folder {root} does not exist; make it with: {hint}")
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} does not exist ({root} is not a complete preparation); "
+                                f"make it with: {hint}")
+    manifest = read_manifest(manifest_path, hint)
+    for name in manifest.get("files", {}):
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"{root / name} (listed in {manifest_path}) is missing; rebuild with: "
+                                    f"{hint} --force")
+    database_labels = read_labels(root / "database_labels.npy", manifest["num_database"], manifest["num_classes"])
+    query_labels = read_labels(root / "query_labels.npy", manifest["num_query"], manifest["num_classes"])
+    data = PreparedData(root, manifest, database_labels, query_labels,
+                        int(manifest["num_original"]), int(manifest["num_seen"]))
+    check_original_first(data, manifest_path)
+    return data
+
+
+def read_manifest(path: Path, hint: str) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); rebuild with: {hint} --force") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a dihn_dist preparation (expected \"format\": \"{FORMAT}\"); make one with: "
+                         f"{hint}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')}, this dihn_dist reads "
+                         f"{FORMAT_VERSION}; rebuild with: {hint} --force")
+    missing = [key for key in ("dataset", "num_database", "num_query", "num_classes", "num_original", "num_seen",
+                               "image") if key not in manifest]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}; rebuild with: {hint} --force")
+    return manifest
+
+
+def read_labels(path: Path, rows: int, columns: int) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    labels = np.load(path, allow_pickle=False)
+    if labels.dtype != np.uint8 or labels.shape != (rows, columns):
+        raise ValueError(f"{path}: expected uint8 labels of shape ({rows}, {columns}) as in the manifest, "
+                         f"got {labels.dtype} {labels.shape}")
+    return labels
+
+
+def check_original_first(data: PreparedData, manifest_path: Path) -> None:
+    incremental = data.database_labels[:, data.num_seen:].any(axis=1)
+    if incremental[:data.num_original].any() or not incremental[data.num_original:].all():
+        raise ValueError(f"{manifest_path}: database rows are not original items (labels < {data.num_seen}) "
+                         f"followed by incremental ones at num_original={data.num_original}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharding one epoch's subset across ranks
+
+
+def global_batch_bounds(num_items: int, global_size: int, world_size: int) -> List[Tuple[int, int]]:
+    """Consecutive global batches of `global_size`; a final partial batch smaller than
+    max(world_size, ceil(global_size / 2)) is merged into the previous one."""
+    bounds = [(start, min(start + global_size, num_items)) for start in range(0, num_items, global_size)]
+    if len(bounds) > 1:
+        last_start, last_end = bounds[-1]
+        if last_end - last_start < max(world_size, math.ceil(global_size / 2)):
+            bounds[-2:] = [(bounds[-2][0], last_end)]
+    return bounds
+
+
+def batch_schedule(subset_order: np.ndarray, batch_size: int, world_size: int,
+                   rank: int) -> Tuple[np.ndarray, List[int]]:
+    """This rank's share of one epoch: (database positions in load order, size of each of its steps).
+
+    A global step holds `batch_size * world_size` consecutive items of `subset_order`, split across ranks
+    with np.array_split (shares differ by at most one item). A final partial global batch smaller than
+    max(world_size, ceil(global batch / 2)) is merged into the previous global batch, so no rank ever has an
+    empty step and no item is dropped; a larger one is a step of its own. Every rank has the same number of
+    steps, shares are disjoint and together cover `subset_order` exactly. Because the merge rule depends only
+    on the global batch size when batch_size >= 2, (world_size=1, batch_size=2b) and (world_size=2,
+    batch_size=b) see the same items in the same order at every global step.
+    """
+    order = np.asarray(subset_order)
+    if order.ndim != 1:
+        raise ValueError(f"subset_order: expected a 1-D array of database positions, got shape {order.shape}")
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"batch_schedule: need batch_size >= 1, world_size >= 1 and 0 <= rank < world_size, "
+                         f"got batch_size={batch_size}, world_size={world_size}, rank={rank}")
+    if len(order) < world_size:
+        raise ValueError(f"the subset has {len(order)} items, fewer than the {world_size} ranks: every rank needs "
+                         f"at least one item per step (sample more items)")
+    shares = [np.array_split(order[start:end], world_size)[rank]
+              for start, end in global_batch_bounds(len(order), batch_size * world_size, world_size)]
+    return np.concatenate(shares), [len(share) for share in shares]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FFCV pipelines
+
+
+def on_device(device: torch.device) -> list:
+    from ffcv.transforms import ToDevice, ToTensor
+    if device.type == "cuda":
+        return [ToTensor(), ToDevice(device, non_blocking=True)]
+    return [ToTensor()]
+
+
+def image_decoder(augment: str, resolution: int, crop_ratio: float):
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    size = (resolution, resolution)
+    if augment == "crop-flip":
+        return RandomResizedCropRGBImageDecoder(size, scale=CROP_SCALE, ratio=CROP_RATIO)
+    return CenterCropRGBImageDecoder(size, ratio=crop_ratio)
+
+
+def pipelines(augment: str, resolution: int, crop_ratio: float, device: torch.device) -> Dict[str, list]:
+    """uint8 images (b, 3, R, R), uint8 labels (b, L) and int64 positions (b, 1), on `device`.
+
+    The horizontal flip is not FFCV's RandomHorizontalFlip: numba takes about 9 s on 2 cores to compile that
+    parallel kernel, while flipping in torch (see Normaliser) is cheap and seedable."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.ndarray import NDArrayDecoder
+    from ffcv.transforms import ToTorchImage
+    image = [image_decoder(augment, resolution, crop_ratio)] + on_device(device) + [ToTorchImage()]
+    return {"image": image,
+            "labels": [NDArrayDecoder()] + on_device(device),
+            "index": [IntDecoder()] + on_device(device)}
+
+
+def build_loader(beton: Path, *, batch_size: int, num_workers: int, indices: np.ndarray, pipeline_spec,
+                 seed: int):
+    from ffcv.loader import Loader, OrderOption
+    if num_workers < 1:
+        raise ValueError(f"num_workers: expected >= 1 (FFCV's -1 would use every CPU of the host), got {num_workers}")
+    return Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
+                  indices=indices, pipelines=pipeline_spec, drop_last=False, seed=seed, os_cache=True,
+                  distributed=False)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def normalise_into(images, flips, mean, inverse_std, out):   # pragma: no cover (compiled)
+    """uint8 (b, H, W, 3) -> float32 (b, 3, H, W) in one pass: (pixel - mean) * inverse_std, image i mirrored
+    horizontally where flips[i] != 0. Cached on disk by numba, so only the first run on a machine compiles."""
+    b, h, w, _ = images.shape
+    for i in numba.prange(b):
+        for y in range(h):
+            for x in range(w):
+                source_x = w - 1 - x if flips[i] else x
+                for k in range(3):
+                    out[i, k, y, x] = (np.float32(images[i, y, source_x, k]) - mean[k]) * inverse_std[k]
+
+
+class Normaliser:
+    """uint8 (b, 3, R, R) -> float32 ImageNet-normalised, a fresh contiguous tensor on the same device;
+    with `flip_seed`, each image is also flipped horizontally with probability 1/2 (seeded, reproducible).
+
+    On CPU one numba pass (`normalise_into`, `num_threads` threads) replaces the 3-4 passes of torch ops,
+    which cost more than FFCV's whole decode + crop at 224 px; on CUDA the same is done with torch ops."""
+
+    def __init__(self, device: torch.device, flip_seed: Optional[int] = None, num_threads: int = 1):
+        self.device = device
+        self.num_threads = num_threads
+        self.flips = None if flip_seed is None else torch.Generator().manual_seed(flip_seed)
+        mean = torch.tensor(IMAGENET_MEAN).mul(255)
+        inverse_std = torch.tensor(IMAGENET_STD).mul(255).reciprocal()
+        self.mean_np, self.inverse_std_np = mean.numpy(), inverse_std.numpy()
+        self.mean = mean.view(1, 3, 1, 1).to(device)
+        self.inverse_std = inverse_std.view(1, 3, 1, 1).to(device)
+
+    def draw_flips(self, count: int) -> Tensor:
+        if self.flips is None:
+            return torch.zeros(count, dtype=torch.bool)
+        return torch.rand(count, generator=self.flips) < 0.5
+
+    def __call__(self, images: Tensor) -> Tensor:
+        flips = self.draw_flips(len(images))
+        if images.device.type == "cpu":
+            return self.normalise_on_cpu(images, flips)
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+        out.copy_(images)
+        if flips.any():
+            flipped = torch.nonzero(flips).view(-1).to(images.device)
+            out[flipped] = out[flipped].flip(3)
+        return out.sub_(self.mean).mul_(self.inverse_std)
+
+    def normalise_on_cpu(self, images: Tensor, flips: Tensor) -> Tensor:
+        pixels = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())   # FFCV's layout: (b, H, W, 3)
+        out = torch.empty(images.shape, dtype=torch.float32)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(self.num_threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            normalise_into(pixels, flips.numpy().astype(np.uint8), self.mean_np, self.inverse_std_np, out.numpy())
+        finally:
+            numba.set_num_threads(previous)
+        return out
+
+
+def convert_batch(batch, normalise: Normaliser) -> Tuple[Tensor, Tensor, Tensor]:
+    """FFCV's (reused) buffers -> fresh tensors the caller may keep."""
+    images, labels, index = batch
+    return normalise(images), labels.to(torch.float32), index.reshape(-1).to(torch.int64, copy=True)
+
+
+def eval_crop_ratio(data: PreparedData) -> float:
+    """Small raw images (Fashion-MNIST, CIFAR) are only resized (cropping 28-32 px images loses content);
+    JPEGs stored at max side 256 get the usual resize + centre crop (224/256 of the shorter side)."""
+    return 1.0 if data.image_storage == "raw" else JPEG_EVAL_CROP
+
+
+def check_resolution(resolution: int) -> None:
+    if resolution < 1:
+        raise ValueError(f"resolution: expected a positive number of pixels, got {resolution}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loader: one FFCV Loader per stage, its order swapped in place each epoch
+
+
+class TrainLoader:
+    """Loads given database positions in a given order, in batches of given sizes.
+
+    One FFCV Loader (SEQUENTIAL order: FFCV 1.0.2 yields `indices` exactly in the order given) is compiled
+    once; `set_order` swaps `loader.indices` and `loader.traversal_order.indices` in place (same length and
+    dtype every epoch), so a new subset costs no recompilation. FFCV batches of `batch_size` are regrouped
+    into the requested step sizes (a merged final step concatenates two of them).
+    """
+
+    def __init__(self, data: PreparedData, *, batch_size: int, resolution: int, device: torch.device,
+                 num_workers: int, augment: str = "crop-flip", seed: int = 0, length: int):
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment: expected one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if not 1 <= length <= data.num_database:
+            raise ValueError(f"length: expected 1..{data.num_database} (database size) positions per epoch, "
+                             f"got {length}")
+        check_resolution(resolution)
+        self.data = data
+        self.length = length
+        self.device = torch.device(device)
+        self.normalise = Normaliser(self.device, flip_seed=seed if augment in ("crop-flip", "flip") else None,
+                                    num_threads=num_workers)
+        initial = np.arange(length, dtype=np.uint64)
+        self.loader = build_loader(data.beton("database"), batch_size=batch_size, num_workers=num_workers,
+                                   indices=initial, seed=seed,
+                                   pipeline_spec=pipelines(augment, resolution, 1.0, self.device))
+        self.step_sizes: Optional[List[int]] = None
+
+    def set_order(self, positions: np.ndarray, step_sizes: Sequence[int]) -> None:
+        positions = np.asarray(positions)
+        if positions.shape != (self.length,):
+            raise ValueError(f"set_order: expected {self.length} positions (the length this loader was built "
+                             f"for), got shape {positions.shape}")
+        if sum(step_sizes) != self.length or min(step_sizes, default=0) < 1:
+            raise ValueError(f"set_order: step sizes must be positive and sum to {self.length}, "
+                             f"got {len(step_sizes)} steps summing to {sum(step_sizes)}")
+        if positions.min() < 0 or positions.max() >= self.data.num_database:
+            raise ValueError(f"set_order: positions must lie in 0..{self.data.num_database - 1}")
+        indices = positions.astype(np.uint64)
+        self.loader.indices = indices
+        self.loader.traversal_order.indices = indices
+        self.step_sizes = list(step_sizes)
+
+    def __len__(self) -> int:
+        if self.step_sizes is None:
+            raise RuntimeError("TrainLoader: call set_order() before iterating")
+        return len(self.step_sizes)
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        if self.step_sizes is None:
+            raise RuntimeError("TrainLoader: call set_order() before iterating")
+        batches = (convert_batch(batch, self.normalise) for batch in self.loader)
+        return regroup(batches, self.step_sizes)
+
+
+def regroup(batches: Iterable[Tuple[Tensor, ...]], step_sizes: Sequence[int]) -> Iterator[Tuple[Tensor, ...]]:
+    """Re-cut a stream of batches (of fresh tensors) into batches of exactly `step_sizes` items, in order."""
+    source = iter(batches)
+    held: List[Tuple[Tensor, ...]] = []
+    held_count = 0
+    for size in step_sizes:
+        while held_count < size:
+            batch = next(source, None)
+            if batch is None:
+                raise RuntimeError(f"the loader ran out of items: a step of {size} needs more than the "
+                                   f"{held_count} left")
+            held.append(batch)
+            held_count += len(batch[0])
+        if len(held) == 1 and held_count == size:
+            step = held.pop()
+        else:
+            step, rest = take_items(held, size)
+            held = [rest] if rest is not None else []
+        held_count -= size
+        yield step
+    if held_count or next(source, None) is not None:
+        raise RuntimeError("the loader yielded more items than the step sizes account for")
+
+
+def take_items(held: List[Tuple[Tensor, ...]], size: int):
+    """The first `size` items of the concatenated held batches, and the remainder (or None)."""
+    joined = tuple(torch.cat(parts) for parts in zip(*held)) if len(held) > 1 else held[0]
+    rest = tuple(t[size:] for t in joined) if len(joined[0]) > size else None
+    return tuple(t[:size] for t in joined), rest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: encode the query or database part, sequentially, without randomness
+
+
+def eval_batches(data: PreparedData, part: str, *, batch_size: int, resolution: int, device, num_workers: int,
+                 indices: Optional[np.ndarray] = None) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+    """(images, labels, row indices within `part`) for the given rows (default all), in order; images are
+    resized (raw datasets) or resized and centre-cropped (JPEG datasets) to `resolution`, normalised."""
+    beton = data.beton(part)
+    rows = data.num_query if part == "query" else data.num_database
+    check_resolution(resolution)
+    indices = np.arange(rows) if indices is None else np.asarray(indices)
+    if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= rows)):
+        raise ValueError(f"indices: expected a 1-D array of rows in 0..{rows - 1} of the {part} part")
+    device = torch.device(device)
+    if len(indices) == 0:
+        return iter(())
+    normalise = Normaliser(device, num_threads=num_workers)
+    loader = build_loader(beton, batch_size=batch_size, num_workers=num_workers, seed=0,
+                          indices=indices.astype(np.uint64),
+                          pipeline_spec=pipelines("none", resolution, eval_crop_ratio(data), device))
+    return (convert_batch(batch, normalise) for batch in loader)

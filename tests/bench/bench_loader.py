@@ -1,0 +1,136 @@
+"""Loader benchmark: FFCV TrainLoader vs the reference torchvision pipeline, same subset, same worker count.
+
+One run, same machine: a `--subset`-item random subset of the database x `--epochs` epochs at `--resolution`
+px, timing everything an outer iteration pays (set_order / building the torch DataLoader, every batch
+delivered as normalised float tensors). The FFCV Loader is built (and compiled) once per stage, which is
+reported separately. Also reports prepare throughput (Fashion-MNIST, full 61,000 images unless
+--prepare-per-class).
+
+    python tests/bench/bench_loader.py [--workers 0 2] [--subset 2000] [--epochs 3] [--resolution 224]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="prepared folder to read (default: prepare Fashion-MNIST into a "
+                        "temporary folder, which also measures prepare throughput)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--subset", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--prepare-per-class", type=int, default=None,
+                        help="database items per class to prepare (default: all 60,000)")
+    return parser.parse_args()
+
+
+def prepare_fashion_mnist(out: Path, per_class, workers: int) -> float:
+    command = [sys.executable, "-m", "dihn_dist.prepare", "--dataset", "fashion-mnist", "--out", str(out),
+               "--num-workers", str(workers)]
+    if per_class:
+        command += ["--database-per-class", str(per_class)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+class ReferenceImages(torch.utils.data.Dataset):
+    """The reference pipeline: PIL image, RandomResizedCrop, flip, ToTensor, Normalize."""
+
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray, resolution: int):
+        import torchvision.transforms as T
+        self.pixels, self.labels = pixels, labels
+        self.transform = T.Compose([T.RandomResizedCrop(resolution), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def __getitem__(self, index):
+        from PIL import Image
+        image = Image.fromarray(self.pixels[index]).convert("RGB")
+        return self.transform(image), torch.from_numpy(self.labels[index]).float(), index
+
+
+def source_pixels(data) -> np.ndarray:
+    """The database images in database order, straight from the source files (what the reference reads)."""
+    from dihn_dist.datasets import open_dataset
+    source = open_dataset(data.dataset, None)
+    rows = np.load(data.root / "database_source_index.npy")
+    return source.database.images.pixels[rows]
+
+
+def time_reference(pixels, labels, subset, args, workers: int) -> float:
+    dataset = ReferenceImages(pixels, labels, args.resolution)
+    start = time.perf_counter()
+    for _ in range(args.epochs):
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, subset.tolist()),
+                                             batch_size=args.batch_size, shuffle=True, num_workers=workers)
+        for images, batch_labels, index in loader:
+            pass
+    return time.perf_counter() - start
+
+
+def time_ffcv(data, subset, args, workers: int):
+    from dihn_dist.data import TrainLoader, batch_schedule
+    threads = max(workers, 1)   # FFCV's workers are numba threads; 0 torch workers = 1 thread doing the work
+    start = time.perf_counter()
+    loader = TrainLoader(data, batch_size=args.batch_size, resolution=args.resolution, device=torch.device("cpu"),
+                         num_workers=threads, length=len(subset))
+    positions, steps = batch_schedule(subset, args.batch_size, 1, 0)
+    loader.set_order(positions, steps)
+    for _ in loader:   # first epoch compiles the numba pipeline
+        pass
+    build = time.perf_counter() - start
+    rng = np.random.default_rng(1)
+    start = time.perf_counter()
+    for _ in range(args.epochs):
+        positions, steps = batch_schedule(rng.permutation(subset), args.batch_size, 1, 0)
+        loader.set_order(positions, steps)
+        for images, labels, index in loader:
+            pass
+    return time.perf_counter() - start, build
+
+
+def main():
+    args = parse_args()
+    from dihn_dist.data import load_prepared
+    with tempfile.TemporaryDirectory() as scratch:
+        data_dir = args.data
+        if data_dir is None:
+            data_dir = Path(scratch) / "fashion-mnist"
+            workers = max(args.workers)
+            seconds = prepare_fashion_mnist(data_dir, args.prepare_per_class, max(workers, 1))
+            data = load_prepared(data_dir)
+            total = data.num_database + data.num_query
+            print(f"prepare fashion-mnist: {total:,} images in {seconds:.1f} s = {total / seconds:,.0f} images/s "
+                  f"(incl. start-up and imports; {max(workers, 1)} worker(s))")
+        data = load_prepared(data_dir)
+        subset = np.random.default_rng(0).choice(data.num_database, size=args.subset, replace=False)
+        pixels, labels = source_pixels(data), data.database_labels
+        images = args.subset * args.epochs
+        print(f"loader: {args.subset} items x {args.epochs} epochs at {args.resolution} px, batch {args.batch_size}; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        print(f"{'workers':>8} {'reference img/s':>16} {'ffcv img/s':>11} {'ratio':>6} {'ffcv build+compile s':>21}")
+        for workers in args.workers:
+            torch.set_num_threads(max(workers, 1))   # same CPU share for both paths: 0 workers = 1 thread
+            reference = time_reference(pixels, labels, subset, args, workers)
+            ffcv_seconds, build = time_ffcv(data, subset, args, workers)
+            print(f"{workers:>8} {images / reference:>16,.0f} {images / ffcv_seconds:>11,.0f} "
+                  f"{reference / ffcv_seconds:>6.2f} {build:>21.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
