@@ -95,9 +95,22 @@ class Reporter:
             for name, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
 
+    def hparams(self, config: Config, final: Dict[str, float]) -> None:
+        if self.writer is not None:
+            keep = {k: v for k, v in config.to_json().items() if isinstance(v, (int, float, str, bool))}
+            self.writer.add_hparams(keep, {f"hparam/{k}": v for k, v in final.items()}, run_name="hparams")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def progress(iterable, total: int, description: str):
+    """A tqdm bar on rank 0 in a terminal; elsewhere (other ranks, Slurm logs) the plain iterable."""
+    if dist.context().is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
+    return iterable
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,7 +189,8 @@ def train_on_sample(model, optimizer, loader: TrainLoader, sample: torch.Tensor,
         global_sizes = global_step_sizes(order, config.batch_size, ctx.world_size)
         loader.set_order(positions, step_sizes)
         last_epoch = epoch == config.max_epoch - 1
-        for step, (images, batch_labels, batch_positions) in enumerate(loader):
+        batches = progress(loader, len(step_sizes), f"{stage.name} it {iteration + 1} epoch {epoch + 1}")
+        for step, (images, batch_labels, batch_positions) in enumerate(batches):
             slots = slot_of_position[batch_positions.cpu()]
             outputs = model(augment.apply(images, augment_params[slots]))
             batch_similarity = hashing.similarity(batch_labels, labels, r)
@@ -227,10 +241,14 @@ def update_codes(codes: torch.Tensor, outputs: torch.Tensor, positions: torch.Te
                                     torch.where(rows >= 0, rows, -1), config.gamma, r)
     solved = time.perf_counter()
     learned, payload = dist.broadcast_codes(learned, config.code_length)
-    codes[stage.num_frozen:] = learned.to(codes.dtype)
+    learned = learned.to(codes.dtype)
+    changed = (learned != codes[stage.num_frozen:]).float().mean().item()
+    codes[stage.num_frozen:] = learned
     done = time.perf_counter()
     return {"gather_s": gathered - started, "dcc_s": solved - gathered, "broadcast_s": done - solved,
-            "broadcast_bytes": payload}
+            "broadcast_bytes": payload, "bits_changed": changed,
+            # 0 when every bit splits the learned codes half and half, 1 when a bit is constant
+            "bit_imbalance": learned.float().mean(dim=0).abs().mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,6 +337,7 @@ class StageRunner:
             trained = time.perf_counter()
             timings = update_codes(self.codes, outputs, positions, self.labels, r, stage, config)
             timings["train_s"] = trained - started
+            timings["images_per_s"] = config.num_samples * config.max_epoch / timings["train_s"]
             record = {"iteration": iteration, "lr": lr, **{f"loss_{k}": v for k, v in losses.items()}, **timings}
             if config.eval_every and (iteration + 1) % config.eval_every == 0 and iteration + 1 < config.max_iter:
                 eval_started = time.perf_counter()
@@ -472,6 +491,7 @@ def main(argv=None) -> int:
         if ctx.is_main:
             write_metrics(run, config, results)
             print_table(results)
+            reporter.hparams(config, {f"{name}_map_all": r["row"]["map_all"] for name, r in results.items()})
         reporter.close()
         return 0
     finally:
