@@ -52,7 +52,7 @@ def test_packed_codes_match_int8_codes(finished_run):
     codes = np.load(finished_run / "incremental" / "database_codes.npy")
     packed = np.load(finished_run / "incremental" / "database_codes.packed.npy")
     bits = np.unpackbits(packed, axis=1)[:, :codes.shape[1]]
-    assert np.array_equal(bits * 2 - 1, codes)
+    assert np.array_equal(bits.astype(np.int8) * 2 - 1, codes)
 
 
 def test_metrics_equal_map_recomputed_from_exported_codes(finished_run):

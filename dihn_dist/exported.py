@@ -1,0 +1,235 @@
+"""Reading a run folder's exported codes and labels with numpy alone (no torch, no dihn_dist needed).
+
+The exported format (what `python -m dihn_dist.train --out RUN_DIR` leaves; a serving system can load it
+with the standard library and numpy, and may copy this file as it is):
+
+    RUN_DIR/config.json            the trainer's settings; code_length (c), arch, resolution, topk, precision_k
+    RUN_DIR/manifest.json          the prepared data's manifest: "format": "dihn_dist.prepared",
+                                   "format_version": 1, num_database (n), num_query (q), num_classes (L),
+                                   num_original, num_seen, class_names
+    RUN_DIR/database_labels.npy    uint8 (n, L), 1 where the database item carries the class
+    RUN_DIR/query_labels.npy       uint8 (q, L), the same for the query set
+    RUN_DIR/<stage>/               one folder per finished stage: original, incremental, retrain
+        result.json                written last: a stage folder without it is not finished
+        database_codes.packed.npy  uint8 (rows, ceil(c / 8)) = numpy.packbits(codes > 0, axis=1): bit j of a
+                                   code is bit 7 - j % 8 of byte j // 8 (numpy's big-endian bit order), 1 = +1,
+                                   padding bits are 0. Unpack: numpy.unpackbits(packed, axis=1, count=c).
+        database_codes.npy         the same codes as int8 +-1 (rows, c)
+        query_codes.npy            int8 +-1 (q, c): the query set encoded by this stage's model
+        model.pt                   torch state dict of the hashing network (needed only to encode new images)
+
+Database rows are positions in the prepared database: the original-class items come first, rows
+[0, num_original), then the incremental ones. Stage "original" has codes for rows [0, num_original) only
+(its model never saw the new classes); incremental and retrain cover all n rows.
+
+Retrieval with numpy alone: the Hamming distance of a packed query row p to every packed database row is
+numpy.bitwise_count(numpy.bitwise_xor(packed_database, p)).sum(axis=1) (numpy >= 2.0; with int8 codes it is
+(c - codes @ query_code) / 2); rank by distance, ties by row (numpy.argsort(..., kind="stable")); an item
+is relevant to a query when they share a class (labels @ query_labels > 0).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+# The prepared-data format this reader understands (dihn_dist.prepare writes it into manifest.json).
+PREPARED_FORMAT = "dihn_dist.prepared"
+PREPARED_FORMAT_VERSIONS = (1,)
+STAGES = ("original", "incremental", "retrain")
+# How each stage's retrieval row is named in reports (the rows of the paper's comparison).
+STAGE_TITLES = {
+    "original": "original codes (ADSH, original database)",
+    "incremental": "DIHN (whole database)",
+    "retrain": "ADSH retrained on all classes",
+}
+STAGE_SHORT_TITLES = {"original": "original codes", "incremental": "DIHN", "retrain": "retrained ADSH"}
+
+
+class IncompleteRunError(FileNotFoundError):
+    """A file the run folder should hold is missing; the message says which command writes it."""
+
+
+class RunFormatError(ValueError):
+    """A file exists but is not what this version of dihn_dist writes (another version, or damaged)."""
+
+
+def resume_command(root: Path, stage: Optional[str] = None) -> str:
+    """The command that continues this run with exactly its saved settings (config.json as --config)."""
+    stage_flag = f" --stage {stage}" if stage else ""
+    return f"python -m dihn_dist.train --config {root / 'config.json'}{stage_flag} --resume"
+
+
+@dataclass
+class StageExport:
+    """One finished stage: its codes as int8 +-1 and the database rows they cover."""
+    name: str
+    database_codes: np.ndarray   # (rows, c) int8 +-1, unpacked from database_codes.packed.npy
+    query_codes: np.ndarray      # (q, c) int8 +-1
+    result: dict                 # result.json: the stage's retrieval row and per-iteration history
+    folder: Path
+
+    @property
+    def num_database(self) -> int:
+        return int(self.database_codes.shape[0])
+
+    @property
+    def iterations(self) -> List[dict]:
+        return list(self.result.get("iterations", []))
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / "model.pt"
+
+
+@dataclass
+class ExportedRun:
+    root: Path
+    config: dict
+    manifest: dict
+    database_labels: np.ndarray  # (n, L) uint8
+    query_labels: np.ndarray     # (q, L) uint8
+
+    @property
+    def code_length(self) -> int:
+        return int(self.config["code_length"])
+
+    @property
+    def num_original(self) -> int:
+        return int(self.manifest["num_original"])
+
+    @property
+    def num_seen(self) -> int:
+        return int(self.manifest["num_seen"])
+
+    @property
+    def class_names(self) -> List[str]:
+        names = self.manifest.get("class_names")
+        return list(names) if names else [str(k) for k in range(self.database_labels.shape[1])]
+
+    def finished_stages(self) -> List[str]:
+        return [name for name in STAGES if (self.root / name / "result.json").is_file()]
+
+    def stage_rows(self, stage: str) -> int:
+        """Database rows a stage's codes cover."""
+        return self.num_original if stage == "original" else int(self.database_labels.shape[0])
+
+    def stage(self, name: str) -> StageExport:
+        return load_stage(self, name)
+
+    def metrics(self) -> Optional[dict]:
+        """metrics.json (written when the trainer's whole command finished), or None if absent."""
+        path = self.root / "metrics.json"
+        return read_json(path, self.root) if path.is_file() else None
+
+
+def read_json(path: Path, root: Path) -> dict:
+    if not path.is_file():
+        raise IncompleteRunError(f"{path} is missing; `{resume_command(root)}` writes it")
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as error:
+        raise RunFormatError(f"{path}: not valid JSON ({error}); it is damaged, `{resume_command(root)}` "
+                             f"rewrites it") from error
+    if not isinstance(value, dict):
+        raise RunFormatError(f"{path}: expected a JSON object")
+    return value
+
+
+def read_array(path: Path, hint: str, dtype, shape: tuple) -> np.ndarray:
+    """np.load with the dtype and shape checked; `hint` names the command that (re)writes the file."""
+    if not path.is_file():
+        raise IncompleteRunError(f"{path} is missing; {hint}")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise RunFormatError(f"{path}: not a readable .npy file ({error}); {hint}") from error
+    if array.dtype != np.dtype(dtype) or array.shape != shape:
+        raise RunFormatError(f"{path}: expected {np.dtype(dtype)} of shape {shape}, found {array.dtype} "
+                             f"{array.shape} (a run of another dihn_dist version or of other data?)")
+    return array
+
+
+def check_manifest(manifest: dict, path: Path) -> None:
+    if manifest.get("format") != PREPARED_FORMAT:
+        raise RunFormatError(f"{path}: not a dihn_dist manifest (expected \"format\": \"{PREPARED_FORMAT}\")")
+    if manifest.get("format_version") not in PREPARED_FORMAT_VERSIONS:
+        raise RunFormatError(f"{path}: format_version {manifest.get('format_version')!r}; this reader "
+                             f"understands {', '.join(map(str, PREPARED_FORMAT_VERSIONS))} (a run of another "
+                             f"dihn_dist version: evaluate it with that version)")
+    missing = [k for k in ("num_database", "num_query", "num_classes", "num_original", "num_seen") if k not in manifest]
+    if missing:
+        raise RunFormatError(f"{path}: missing keys {missing}")
+
+
+def load_run(run_dir) -> ExportedRun:
+    """Config, manifest and labels of a run folder, checked against each other."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise IncompleteRunError(f"run folder {root} does not exist; `python -m dihn_dist.train --data DATA "
+                                 f"--out {root}` writes one")
+    if not (root / "config.json").is_file():
+        raise IncompleteRunError(f"{root / 'config.json'} is missing, so {root} is not a run folder; "
+                                 f"`python -m dihn_dist.train --data DATA --out {root}` writes one")
+    config = read_json(root / "config.json", root)
+    if not isinstance(config.get("code_length"), int) or "arch" not in config:
+        raise RunFormatError(f"{root / 'config.json'}: no code_length/arch (a run of another dihn_dist version?)")
+    manifest = read_json(root / "manifest.json", root)
+    check_manifest(manifest, root / "manifest.json")
+    hint = f"`{resume_command(root)}` writes it"
+    num_classes = int(manifest["num_classes"])
+    database_labels = read_array(root / "database_labels.npy", hint, np.uint8,
+                                 (int(manifest["num_database"]), num_classes))
+    query_labels = read_array(root / "query_labels.npy", hint, np.uint8, (int(manifest["num_query"]), num_classes))
+    return ExportedRun(root, config, manifest, database_labels, query_labels)
+
+
+def unpack_codes(packed: np.ndarray, code_length: int) -> np.ndarray:
+    """np.packbits rows -> int8 +-1 codes (rows, code_length)."""
+    bits = np.unpackbits(packed, axis=1, count=code_length)
+    return (bits.astype(np.int8) * 2 - 1).astype(np.int8)
+
+
+def stage_rewrite_hint(run: ExportedRun, stage: str) -> str:
+    """How to get a finished stage's export files back: --resume skips a stage with a result.json, so the
+    stage must be marked unfinished; its last checkpoint then re-exports it without training again."""
+    result = run.root / stage / "result.json"
+    checkpoint = run.root / "checkpoints" / f"{stage}.pt"
+    if checkpoint.is_file():
+        return (f"delete {result} and run `{resume_command(run.root, stage)}` (it re-exports the stage from "
+                f"{checkpoint} without training again)")
+    return f"delete {result} and run `{resume_command(run.root, stage)}` (this trains the stage again)"
+
+
+def load_stage(run: ExportedRun, name: str) -> StageExport:
+    """A finished stage's codes, checked: shapes from the manifest and config, values +-1."""
+    if name not in STAGES:
+        raise ValueError(f"stage: expected one of {', '.join(STAGES)}, got {name!r}")
+    folder = run.root / name
+    if not (folder / "result.json").is_file():
+        finished = ", ".join(run.finished_stages()) or "none"
+        raise IncompleteRunError(f"{folder / 'result.json'} is missing: stage {name!r} has not finished in "
+                                 f"{run.root} (finished: {finished}); `{resume_command(run.root, name)}` "
+                                 f"trains and exports it")
+    result = read_json(folder / "result.json", run.root)
+    hint = stage_rewrite_hint(run, name)
+    c = run.code_length
+    rows = run.stage_rows(name)
+    packed = read_array(folder / "database_codes.packed.npy", hint, np.uint8, (rows, (c + 7) // 8))
+    database_codes = unpack_codes(packed, c)
+    query_codes = read_array(folder / "query_codes.npy", hint, np.int8, (run.query_labels.shape[0], c))
+    if not np.isin(query_codes, (-1, 1)).all():
+        raise RunFormatError(f"{folder / 'query_codes.npy'}: codes must be +-1; {hint}")
+    return StageExport(name, database_codes, query_codes, result, folder)
+
+
+def load_stages(run: ExportedRun, names: Optional[List[str]] = None) -> Dict[str, StageExport]:
+    """The given stages (default: every finished one), in the order original, incremental, retrain."""
+    names = run.finished_stages() if names is None else names
+    if not names:
+        raise IncompleteRunError(f"{run.root} has no finished stage (no <stage>/result.json); "
+                                 f"`{resume_command(run.root)}` trains and exports them")
+    return {name: load_stage(run, name) for name in names}
