@@ -3,6 +3,7 @@
 The exported format (what `python -m dihn_dist.train --out RUN_DIR` leaves; a serving system can load it
 with the standard library and numpy, and may copy this file as it is):
 
+    RUN_DIR/format.json            {"format": "dihn_dist.run", "format_version": 1}
     RUN_DIR/config.json            the trainer's settings; code_length (c), arch, resolution, topk, precision_k
     RUN_DIR/manifest.json          the prepared data's manifest: "format": "dihn_dist.prepared",
                                    "format_version": 1, num_database (n), num_query (q), num_classes (L),
@@ -40,6 +41,8 @@ import numpy as np
 PREPARED_FORMAT = "dihn_dist.prepared"
 PREPARED_FORMAT_VERSIONS = (1,)
 STAGES = ("original", "incremental", "retrain")
+# The run folder's own format marker (RUN_DIR/format.json), written by the trainer before anything else.
+RUN_FORMAT = {"format": "dihn_dist.run", "format_version": 1}
 # How each stage's retrieval row is named in reports (the rows of the paper's comparison).
 STAGE_TITLES = {
     "original": "original codes (ADSH, original database)",
@@ -174,6 +177,10 @@ def load_run(run_dir) -> ExportedRun:
     if not (root / "config.json").is_file():
         raise IncompleteRunError(f"{root / 'config.json'} is missing, so {root} is not a run folder; "
                                  f"`python -m dihn_dist.train --data DATA --out {root}` writes one")
+    marker = root / "format.json"
+    if not marker.is_file() or read_json(marker, root) != RUN_FORMAT:
+        raise RunFormatError(f"{marker}: missing or not {RUN_FORMAT} (a run of another dihn_dist version: "
+                             f"evaluate it with that version)")
     config = read_json(root / "config.json", root)
     if not isinstance(config.get("code_length"), int) or "arch" not in config:
         raise RunFormatError(f"{root / 'config.json'}: no code_length/arch (a run of another dihn_dist version?)")

@@ -19,8 +19,16 @@ WEIGHTS_HINT = {
     "resnet50": "torchvision.models.resnet50(weights='IMAGENET1K_V2')",
 }
 
-# The input side each architecture is built for, unless --resolution says otherwise.
-DEFAULT_RESOLUTION = {"alexnet": 224, "resnet50": 224, "small-cnn": 32}
+# The input side each ImageNet architecture is built for, unless --resolution says otherwise.
+DEFAULT_RESOLUTION = {"alexnet": 224, "resnet50": 224}
+
+
+def input_resolution(arch: str, configured: Optional[int], stored_size: int) -> int:
+    """--resolution when given; else the stored image size for the small CNN (no upsampling of 28 px
+    images), else the ImageNet architecture's 224."""
+    if configured:
+        return int(configured)
+    return stored_size if arch == "small-cnn" else DEFAULT_RESOLUTION[arch]
 
 
 class SmallCNN(nn.Module):

@@ -23,7 +23,7 @@ import torch
 from . import metrics
 from .data import IMAGENET_MEAN, IMAGENET_STD, Normaliser, PreparedData, eval_batches, eval_crop_ratio, load_prepared
 from .exported import ExportedRun, StageExport, load_run, load_stage
-from .models import DEFAULT_RESOLUTION, build_model
+from .models import build_model, input_resolution
 from .train import binarize
 
 # Contact sheet layout, in pixels.
@@ -77,10 +77,7 @@ def parse_query(text: str) -> Union[int, Path]:
 def model_resolution(run: ExportedRun, data: PreparedData) -> int:
     """The side the stage's model was trained and evaluated at (the trainer's rule: --resolution, else the
     stored image size for small-cnn, else the architecture's default)."""
-    config = run.config
-    if config.get("resolution"):
-        return int(config["resolution"])
-    return data.image_size if config["arch"] == "small-cnn" else DEFAULT_RESOLUTION[config["arch"]]
+    return input_resolution(run.config["arch"], run.config.get("resolution"), data.image_size)
 
 
 def open_data(run: ExportedRun, data_dir: Optional[str]) -> PreparedData:

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import augment, dist, hashing, metrics
 from .config import RESUME_INVARIANTS, Config, default_num_workers, parse_config
 from .data import PreparedData, TrainLoader, batch_schedule, eval_batches, load_prepared
-from .models import DEFAULT_RESOLUTION, build_model
+from .exported import RUN_FORMAT, STAGE_SHORT_TITLES, STAGE_TITLES
+from .models import build_model, input_resolution
 from .runfolder import RunFolder, atomic_torch_save, atomic_write_json, atomic_save_numpy, codes_checksum
 
 
@@ -451,9 +452,7 @@ def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, rep
 
 def write_metrics(run: RunFolder, config: Config, results: Dict[str, dict]) -> dict:
     rows = {name: result["row"] for name, result in results.items()}
-    names = {"original": "original codes (ADSH, original database)", "incremental": "DIHN (whole database)",
-             "retrain": "ADSH retrained on all classes"}
-    summary = {"rows": [{"name": names[k], "stage": k, **v} for k, v in rows.items()], "stages": results}
+    summary = {"rows": [{"name": STAGE_TITLES[k], "stage": k, **v} for k, v in rows.items()], "stages": results}
     atomic_write_json(run.path("metrics.json"), summary)
     return summary
 
@@ -473,8 +472,9 @@ def main(argv=None) -> int:
         setup_logging(run, config.debug)
         if config.debug:
             torch.autograd.set_detect_anomaly(True)
-        resolution = config.resolution or (data.image_size if config.arch == "small-cnn" else DEFAULT_RESOLUTION[config.arch])
+        resolution = input_resolution(config.arch, config.resolution, data.image_size)
         if ctx.is_main:
+            atomic_write_json(run.path("format.json"), RUN_FORMAT)
             atomic_write_json(run.path("config.json"), config.to_json())
             atomic_write_json(run.path("manifest.json"), data.manifest)
             atomic_save_numpy(run.path("database_labels.npy"), data.database_labels)
@@ -499,12 +499,11 @@ def main(argv=None) -> int:
 
 
 def print_table(results: Dict[str, dict]) -> None:
-    names = {"original": "original codes", "incremental": "DIHN", "retrain": "retrained ADSH"}
     lines = [f"{'row':<16} {'mAP@ALL':>8} {'mAP@k':>8} {'orig q':>8} {'incr q':>8} {'time s':>8}"]
     for name, result in results.items():
         row = result["row"]
         fmt = lambda v: f"{v:8.4f}" if isinstance(v, float) else f"{'-':>8}"
-        lines.append(f"{names[name]:<16} {fmt(row['map_all'])} {fmt(row['map_topk'])} "
+        lines.append(f"{STAGE_SHORT_TITLES[name]:<16} {fmt(row['map_all'])} {fmt(row['map_topk'])} "
                      f"{fmt(row['map_original_queries'])} {fmt(row['map_incremental_queries'])} "
                      f"{result['train_time_s']:8.1f}")
     print("\n".join(lines), flush=True)

@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 
 from dihn_dist import evaluate, exported, metrics
-from tiny_run import copy_run, finished_run
+from conftest import copy_run
 
 # FFCV's discarded loaders print harmless numba finalizer KeyErrors (NOTES section 4).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 @pytest.fixture(scope="module")
-def run(tiny_prepared, tmp_path_factory):
-    return finished_run(tiny_prepared, tmp_path_factory)
+def run(finished_run):
+    return finished_run
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from PIL import Image
 
 from dihn_dist import exported, retrieve
 from dihn_dist.data import eval_batches, load_prepared
-from tiny_run import copy_run, finished_run
+from conftest import copy_run
 
 # FFCV's discarded loaders print harmless numba finalizer KeyErrors (NOTES section 4).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -15,8 +15,8 @@ TOPK = 12
 
 
 @pytest.fixture(scope="module")
-def run(tiny_prepared, tmp_path_factory):
-    return finished_run(tiny_prepared, tmp_path_factory)
+def run(finished_run):
+    return finished_run
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import copy_run
 from dihn_dist import metrics, train
 
-TINY = ["--arch", "small-cnn", "--code-length", "8", "--max-epoch", "1", "--num-samples", "120",
-        "--batch-size", "32", "--lr", "1e-3", "--num-workers", "1", "--device", "cpu", "--seed", "3"]
+from conftest import TINY_TRAIN_ARGS as TINY
 
 
 def run_train(data, out, *extra):
     return train.main(["--data", str(data), "--out", str(out), *TINY, *extra])
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "both"
-    assert run_train(tiny_prepared, out, "--max-iter", "2", "--stage", "all,retrain") == 0
-    return out
 
 
 def test_both_stages_leave_a_complete_run_folder(finished_run):
@@ -132,9 +125,7 @@ def test_incremental_without_stage_one_is_refused(tiny_prepared, tmp_path):
 
 
 def test_old_codes_that_are_not_plus_minus_one_are_refused(finished_run, tiny_prepared, tmp_path):
-    import shutil
-    broken = tmp_path / "broken"
-    shutil.copytree(finished_run, broken)
+    broken = copy_run(finished_run, tmp_path / "broken")
     codes = np.load(broken / "original" / "database_codes.npy")
     codes[0, 0] = 0
     np.save(broken / "original" / "database_codes.npy", codes)
