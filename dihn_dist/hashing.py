@@ -78,17 +78,42 @@ def similarity(labels_a: torch.Tensor, labels_b: torch.Tensor, r: Optional[float
     return s
 
 
+def _unique_label_rows(labels: torch.Tensor, device: torch.device):
+    """(distinct 0/1 rows, index of each row's pattern) on device: label patterns repeat heavily."""
+    return torch.unique(labels.to(device) != 0, dim=0, return_inverse=True)
+
+
+def _shared_transpose_times(sample_labels: torch.Tensor, db_labels: torch.Tensor, V: torch.Tensor,
+                            block_rows: int, factorize: bool) -> torch.Tensor:
+    """[share]^T V (n x k), [share] = the m x n 0/1 matrix "sample i and database item j share a label".
+
+    Single-label rows factorize: [share]^T V = Y_db (Y_s^T V). Otherwise [share] depends only on the
+    label patterns, so it is formed between the distinct patterns of the database (one block of
+    block_rows patterns at a time: memory block_rows x m) and the distinct patterns of the sample (V summed
+    within each sample pattern), then expanded back to the n database rows.
+    """
+    if factorize:
+        ys = sample_labels.to(device=V.device, dtype=V.dtype)
+        return db_labels.to(device=V.device, dtype=V.dtype) @ (ys.T @ V)
+    sample_patterns, sample_inverse = _unique_label_rows(sample_labels, V.device)
+    db_patterns, db_inverse = _unique_label_rows(db_labels, V.device)
+    grouped = torch.zeros(sample_patterns.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
+    grouped.index_add_(0, sample_inverse, V)
+    ys = sample_patterns.to(V.dtype)
+    per_pattern = torch.empty(db_patterns.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
+    for start in range(0, db_patterns.shape[0], block_rows):
+        block = db_patterns[start:start + block_rows].to(V.dtype)
+        shared = ((block @ ys.T) > 0).to(V.dtype)  # at most block_rows x m
+        per_pattern[start:start + block.shape[0]] = shared @ grouped
+    return per_pattern[db_inverse]
+
+
 def count_similar_pairs(sample_labels: torch.Tensor, db_labels: torch.Tensor,
                         block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
     """Number of (sample, database item) pairs that share at least one label."""
-    ys = sample_labels.float()
-    if is_single_label(sample_labels) and is_single_label(db_labels):
-        return int((ys.sum(0) * db_labels.float().sum(0)).sum().item())
-    total = 0
-    for start in range(0, db_labels.shape[0], block_rows):
-        block = db_labels[start:start + block_rows].float()
-        total += int(((ys @ block.T) > 0).sum().item())
-    return total
+    factorize = is_single_label(sample_labels) and is_single_label(db_labels)
+    ones = torch.ones(sample_labels.shape[0], 1, dtype=torch.float64, device=sample_labels.device)
+    return int(round(float(_shared_transpose_times(sample_labels, db_labels, ones, block_rows, factorize).sum())))
 
 
 def soft_similarity_offset(sample_labels: torch.Tensor, db_labels: torch.Tensor,
@@ -117,21 +142,14 @@ def similarity_transpose_times(sample_labels: torch.Tensor, db_labels: torch.Ten
     Uses S = 2 [share] - 1 and, in soft form, S*(1+r)-r = (1+r) S - r, so
         S^T U = (1+r) (2 [share]^T U - 1 colsum(U)) - r 1 colsum(U).
     Single-label rows factorize: [share]^T U = Y_db (Y_s^T U), O(n L c). Otherwise [share] is formed
-    one block of database rows at a time (memory m x block_rows).
+    between distinct label patterns, one block of block_rows database patterns at a time (memory
+    m x block_rows), and expanded back to the n rows.
     """
     U = U.float()
-    ys = sample_labels.to(U.dtype)
     column_sums = U.sum(dim=0)
     if factorize is None:
         factorize = is_single_label(sample_labels) and is_single_label(db_labels)
-    if factorize:
-        shared_t_u = db_labels.to(U.dtype) @ (ys.T @ U)
-    else:
-        shared_t_u = torch.empty(db_labels.shape[0], U.shape[1], dtype=U.dtype, device=U.device)
-        for start in range(0, db_labels.shape[0], block_rows):
-            block = db_labels[start:start + block_rows].to(U.dtype)
-            shared = ((block @ ys.T) > 0).to(U.dtype)  # block_rows x m
-            shared_t_u[start:start + block.shape[0]] = shared @ U
+    shared_t_u = _shared_transpose_times(sample_labels, db_labels, U, block_rows, factorize)
     hard = 2 * shared_t_u - column_sums
     if r is None:
         return hard
@@ -236,9 +254,14 @@ def solve_dcc(B: torch.Tensor, U: torch.Tensor, sample_labels: torch.Tensor, db_
     if not bool(torch.isfinite(U).all()):
         raise ValueError("U: contains NaN or inf")
     check_labels("sample_labels", sample_labels)
+    check_nonempty("sample_labels", sample_labels)
     check_rows("sample_labels", sample_labels, U.shape[0], "U")
     check_labels("db_labels", db_labels, sample_labels.shape[1])
     check_rows("db_labels", db_labels, B.shape[0], "B")
+    if (not isinstance(sample_pos, torch.Tensor) or sample_pos.is_floating_point() or sample_pos.is_complex()
+            or sample_pos.dtype == torch.bool):
+        found = f"dtype {sample_pos.dtype}" if isinstance(sample_pos, torch.Tensor) else type(sample_pos).__name__
+        raise ValueError(f"sample_pos: expected an integer tensor of rows of B (or -1), got {found}")
     if sample_pos.dim() != 1 or sample_pos.shape[0] != U.shape[0]:
         raise ValueError(f"sample_pos: expected shape ({U.shape[0]},) to match U, got {tuple(sample_pos.shape)}")
     sample_pos = sample_pos.to(device=U.device, dtype=torch.long)
@@ -249,10 +272,13 @@ def solve_dcc(B: torch.Tensor, U: torch.Tensor, sample_labels: torch.Tensor, db_
     U = U.float()
     P = dcc_linear_term(U, sample_labels, db_labels, sample_pos, gamma, r, block_rows, factorize)
     gram = U.T @ U
-    codes = B.to(device=U.device, dtype=torch.float32, copy=True)
+    # Bit-major layout (c x n): each bit's column is contiguous for the update and the matvec.
+    codes = B.to(device=U.device, dtype=torch.float32).T.contiguous()
+    P = P.T.contiguous()
     for k in range(code_length):
         column = gram[:, k].clone()
         column[k] = 0
-        others = codes @ column
-        codes[:, k] = sign_keep(P[:, k] - others, codes[:, k])
-    return codes.to(device=B.device, dtype=B.dtype)
+        values = torch.addmv(P[k], codes.T, column, alpha=-1)  # P[:,k] - B_{-k} U_{-k}^T U[:,k]
+        signs = values.sign()
+        codes[k] = torch.where(signs == 0, codes[k], signs)  # sgn(0) keeps the previous bit
+    return codes.T.to(device=B.device, dtype=B.dtype).contiguous()

@@ -5,17 +5,33 @@ Pure tensor functions (no I/O, no torch.distributed), run on the device of the q
 index; relevant = shares at least one label; AP@k = mean precision@i over the relevant hits i within
 the top k; a query with no hit in its top k scores 0 and still counts. topk None or <= 0 = the whole
 database. Work is chunked over queries so memory stays bounded at 2,100 x 195,834.
+
+Two interchangeable ranking back ends compute the same thing (the tests check that they agree):
+- "torch" (CUDA, or CPU when forced): distances by a matrix product, a stable torch.sort per chunk,
+  a gather of the relevance, AP from a cumulative sum of the hits.
+- "numpy" (the CPU default): codes and labels are packed into machine words once; per chunk the
+  distances are popcount(q XOR b) (uint8, exact integers 0..c), the ranking is numpy's stable radix
+  argsort of those small integers (linear time, ties stay in database-index order), the relevance is an
+  AND of packed label masks gathered in rank order, and AP needs only the ranks of the hits:
+  AP = (1/H) sum_i i / rank_i over the H hits in the top k. Chunks run on a thread pool (numpy releases
+  the GIL in all of these), one thread per torch intra-op thread.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .hashing import check_codes, check_labels, check_nonempty, check_rows
 
 # Query rows per chunk are chosen so one chunk's query x database matrices stay near this many entries.
 CHUNK_ENTRIES = 1 << 24
+# The numpy back end works on smaller chunks (cache-friendly, and several of them run at once).
+NUMPY_CHUNK_ENTRIES = 1 << 21
+# Back end used for CPU inputs: "numpy" (fast, needs numpy >= 2.0 for bitwise_count) or "torch".
+CPU_BACKEND = "numpy" if hasattr(np, "bitwise_count") else "torch"
 
 
 def hamming_distances(query_codes: torch.Tensor, db_codes: torch.Tensor) -> torch.Tensor:
@@ -35,6 +51,7 @@ def _validate(query_codes, db_codes, query_labels, db_labels) -> None:
     check_codes("db_codes", db_codes, query_codes.shape[1])
     check_nonempty("db_codes", db_codes)
     check_labels("query_labels", query_labels)
+    check_nonempty("query_labels", query_labels)
     check_rows("query_labels", query_labels, query_codes.shape[0], "query_codes")
     check_labels("db_labels", db_labels, query_labels.shape[1])
     check_rows("db_labels", db_labels, db_codes.shape[0], "db_codes")
@@ -46,11 +63,19 @@ def _resolve_topk(topk: Optional[int], num_database: int) -> int:
     return int(topk)
 
 
-def _chunks(num_queries: int, num_database: int, chunk_rows: Optional[int]) -> Iterator[slice]:
-    rows = chunk_rows or max(1, CHUNK_ENTRIES // num_database)
+def _chunks(num_queries: int, num_database: int, chunk_rows: Optional[int],
+            entries: int = CHUNK_ENTRIES) -> Iterator[slice]:
+    rows = chunk_rows or max(1, entries // num_database)
     for start in range(0, num_queries, rows):
         yield slice(start, min(start + rows, num_queries))
 
+
+def _backend(query_codes: torch.Tensor) -> str:
+    return "torch" if query_codes.device.type != "cpu" else CPU_BACKEND
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch back end
 
 def _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk, chunk_rows):
     """For each chunk of queries: (chunk slice, relevance of the top-k items in rank order)."""
@@ -66,6 +91,124 @@ def _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk, chun
         yield rows, torch.gather(relevant, 1, order)
 
 
+def _torch_average_precisions(ranked: torch.Tensor) -> torch.Tensor:
+    hits = ranked.to(torch.float64)
+    ranks = torch.arange(1, ranked.shape[1] + 1, dtype=torch.float64, device=ranked.device)
+    precision_at_hits = hits.cumsum(dim=1) / ranks * hits
+    num_hits = hits.sum(dim=1)
+    return torch.where(num_hits > 0, precision_at_hits.sum(dim=1) / num_hits.clamp(min=1), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# numpy back end (CPU)
+
+def _pack_rows(bits: np.ndarray) -> np.ndarray:
+    """Pack a boolean (rows x width) matrix into unsigned words (rows x words), bit j of row = column j.
+
+    The word is the smallest of uint8/16/32/64 that holds the width; wider rows use several uint64s.
+    """
+    packed = np.packbits(bits, axis=1, bitorder="little")  # rows x ceil(width / 8) bytes
+    nbytes = packed.shape[1]
+    word = 1 if nbytes <= 1 else 2 if nbytes <= 2 else 4 if nbytes <= 4 else 8
+    padded = -(-nbytes // word) * word
+    if padded != nbytes:
+        packed = np.concatenate([packed, np.zeros((packed.shape[0], padded - nbytes), np.uint8)], axis=1)
+    return np.ascontiguousarray(packed).view(f"<u{word}")
+
+
+def _as_bits(tensor: torch.Tensor, positive_is_one: bool) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    return (tensor > 0 if positive_is_one else tensor != 0).numpy()
+
+
+class _NumpyRanker:
+    """Packed codes and labels of one call; rank(rows, topk) gives the relevance in rank order."""
+
+    def __init__(self, query_codes, db_codes, query_labels, db_labels):
+        self.code_length = query_codes.shape[1]
+        self.query_words = _pack_rows(_as_bits(query_codes, True))
+        self.db_words = _pack_rows(_as_bits(db_codes, True))
+        self.query_masks = _pack_rows(_as_bits(query_labels, False))
+        self.db_masks = _pack_rows(_as_bits(db_labels, False))
+
+    def distances(self, rows: slice) -> np.ndarray:
+        """Exact Hamming distances of a chunk of queries (uint8, or uint16 beyond 255 bits)."""
+        total = None
+        for w in range(self.db_words.shape[1]):
+            count = np.bitwise_count(np.bitwise_xor(self.query_words[rows, w, None], self.db_words[None, :, w]))
+            if self.code_length > 255:
+                count = count.astype(np.uint16)  # a uint8 sum over the words could overflow
+            total = count if total is None else total + count
+        return total
+
+    def relevance(self, rows: slice, columns=None) -> np.ndarray:
+        """Relevance of a chunk of queries to the database (bool), or to db rows `columns` per query."""
+        relevant = None
+        for w in range(self.db_masks.shape[1]):
+            db = self.db_masks[:, w] if columns is None else self.db_masks[:, w][columns]
+            shared = (db & self.query_masks[rows, w, None]) != 0
+            relevant = shared if relevant is None else (relevant | shared)
+        return relevant
+
+    def rank(self, rows: slice, topk: int) -> np.ndarray:
+        distances = self.distances(rows)
+        # Stable radix sort of small integers: ties keep database-index order.
+        order = np.argsort(distances, axis=1, kind="stable")[:, :topk]
+        return self.relevance(rows, order)
+
+    def radius_counts(self, rows: slice) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per query of the chunk: items and relevant items at each distance 0..c, relevant items in all."""
+        distances = self.distances(rows).astype(np.int64)
+        relevant = self.relevance(rows)
+        bins = self.code_length + 1
+        flat = distances + (np.arange(distances.shape[0], dtype=np.int64) * bins)[:, None]
+        size = distances.shape[0] * bins
+        retrieved = np.bincount(flat.ravel(), minlength=size).reshape(-1, bins)
+        hits = np.bincount(flat[relevant], minlength=size).reshape(-1, bins)
+        return retrieved, hits, np.count_nonzero(relevant, axis=1)
+
+
+def _numpy_average_precisions(ranked: np.ndarray) -> np.ndarray:
+    """AP of each row of a ranked relevance matrix: (1/H) sum_i i / rank_i over its H hits.
+
+    Only the hits are touched after one scan: their flat positions (row-major, so each row's hits come
+    in rank order), from which rank_i = position - row * k + 1 and i = hit number within the row.
+    """
+    num_rows, k = ranked.shape
+    positions = np.flatnonzero(ranked)
+    num_hits = np.count_nonzero(ranked, axis=1)
+    first = np.cumsum(num_hits) - num_hits  # index of each row's first hit among all hits
+    ranks = positions - np.repeat(np.arange(num_rows, dtype=np.int64) * k - 1, num_hits)
+    hit_numbers = np.arange(1, positions.size + 1, dtype=np.int64) - np.repeat(first, num_hits)
+    ratios = hit_numbers / ranks  # float64
+    has_hits = num_hits > 0
+    totals = np.zeros(num_rows, dtype=np.float64)
+    if positions.size:
+        totals[has_hits] = np.add.reduceat(ratios, first[has_hits])
+    return np.where(has_hits, totals / np.maximum(num_hits, 1), 0.0)
+
+
+def _numpy_map(fn: Callable, query_codes, db_codes, query_labels, db_labels, topk, chunk_rows) -> List:
+    """[fn(ranked relevance of the chunk) for each chunk], the chunks spread over a thread pool.
+
+    topk None: fn(ranker, rows) instead, for work that does not need the ranking.
+    """
+    ranker = _NumpyRanker(query_codes, db_codes, query_labels, db_labels)
+    chunks = list(_chunks(query_codes.shape[0], db_codes.shape[0], chunk_rows, NUMPY_CHUNK_ENTRIES))
+    if topk is None:
+        work = lambda rows: fn(ranker, rows)  # noqa: E731
+    else:
+        work = lambda rows: fn(ranker.rank(rows, topk))  # noqa: E731
+    workers = min(max(1, torch.get_num_threads()), len(chunks))
+    if workers == 1:
+        return [work(rows) for rows in chunks]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(work, chunks))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public metrics
+
 def average_precisions(query_codes: torch.Tensor, db_codes: torch.Tensor, query_labels: torch.Tensor,
                        db_labels: torch.Tensor, topk: Optional[int] = None,
                        chunk_rows: Optional[int] = None) -> torch.Tensor:
@@ -73,13 +216,13 @@ def average_precisions(query_codes: torch.Tensor, db_codes: torch.Tensor, query_
     _validate(query_codes, db_codes, query_labels, db_labels)
     topk = _resolve_topk(topk, db_codes.shape[0])
     device = query_codes.device
+    if _backend(query_codes) == "numpy":
+        parts = _numpy_map(_numpy_average_precisions, query_codes, db_codes, query_labels, db_labels,
+                           topk, chunk_rows)
+        return torch.from_numpy(np.concatenate(parts)).to(torch.float64)
     aps = torch.zeros(query_codes.shape[0], dtype=torch.float64, device=device)
-    ranks = torch.arange(1, topk + 1, dtype=torch.float64, device=device)
     for rows, ranked in _ranked_relevance(query_codes, db_codes, query_labels, db_labels, topk, chunk_rows):
-        hits = ranked.to(torch.float64)
-        precision_at_hits = hits.cumsum(dim=1) / ranks * hits
-        num_hits = hits.sum(dim=1)
-        aps[rows] = torch.where(num_hits > 0, precision_at_hits.sum(dim=1) / num_hits.clamp(min=1), 0.0)
+        aps[rows] = _torch_average_precisions(ranked)
     return aps
 
 
@@ -90,6 +233,21 @@ def mean_average_precision(query_codes: torch.Tensor, db_codes: torch.Tensor, qu
     return float(average_precisions(query_codes, db_codes, query_labels, db_labels, topk, chunk_rows).mean())
 
 
+def _hits_at(ks: List[int], query_codes, db_codes, query_labels, db_labels, chunk_rows) -> torch.Tensor:
+    """Total number of relevant items among the top k, summed over the queries, for each k (int64)."""
+    top = max(ks)
+    index = [k - 1 for k in ks]
+    if _backend(query_codes) == "numpy":
+        count = lambda ranked: np.cumsum(ranked, axis=1, dtype=np.int64)[:, index].sum(axis=0)  # noqa: E731
+        parts = _numpy_map(count, query_codes, db_codes, query_labels, db_labels, top, chunk_rows)
+        return torch.from_numpy(np.sum(parts, axis=0).astype(np.int64))
+    totals = torch.zeros(len(ks), dtype=torch.int64)
+    for _, ranked in _ranked_relevance(query_codes, db_codes, query_labels, db_labels, top, chunk_rows):
+        hits = ranked.to(torch.int64).cumsum(dim=1)[:, torch.tensor(index, device=ranked.device)]
+        totals += hits.sum(dim=0).cpu()
+    return totals
+
+
 def precision_at_k(query_codes: torch.Tensor, db_codes: torch.Tensor, query_labels: torch.Tensor,
                    db_labels: torch.Tensor, k: int, chunk_rows: Optional[int] = None) -> float:
     """Mean over queries of the fraction of relevant items among the top k of the ranking."""
@@ -97,10 +255,8 @@ def precision_at_k(query_codes: torch.Tensor, db_codes: torch.Tensor, query_labe
     if k <= 0:
         raise ValueError(f"k: expected a positive number of retrieved items, got {k}")
     k = min(int(k), db_codes.shape[0])
-    total = 0.0
-    for _, ranked in _ranked_relevance(query_codes, db_codes, query_labels, db_labels, k, chunk_rows):
-        total += float(ranked.sum(dim=1).to(torch.float64).div(k).sum())
-    return total / query_codes.shape[0]
+    hits = _hits_at([k], query_codes, db_codes, query_labels, db_labels, chunk_rows)
+    return float(hits[0]) / k / query_codes.shape[0]
 
 
 def precision_at_ks(query_codes, db_codes, query_labels, db_labels, ks, chunk_rows=None) -> torch.Tensor:
@@ -109,13 +265,8 @@ def precision_at_ks(query_codes, db_codes, query_labels, db_labels, ks, chunk_ro
     ks = [min(int(k), db_codes.shape[0]) for k in ks]
     if not ks or min(ks) <= 0:
         raise ValueError(f"ks: expected positive numbers of retrieved items, got {ks}")
-    top = max(ks)
-    totals = torch.zeros(len(ks), dtype=torch.float64)
-    index = torch.tensor(ks) - 1
-    for _, ranked in _ranked_relevance(query_codes, db_codes, query_labels, db_labels, top, chunk_rows):
-        hits = ranked.to(torch.float64).cumsum(dim=1)[:, index.to(ranked.device)].cpu()
-        totals += hits.sum(dim=0)
-    return totals / torch.tensor(ks, dtype=torch.float64) / query_codes.shape[0]
+    hits = _hits_at(ks, query_codes, db_codes, query_labels, db_labels, chunk_rows).to(torch.float64)
+    return hits / torch.tensor(ks, dtype=torch.float64) / query_codes.shape[0]
 
 
 def precision_recall_by_radius(query_codes: torch.Tensor, db_codes: torch.Tensor, query_labels: torch.Tensor,
@@ -128,16 +279,28 @@ def precision_recall_by_radius(query_codes: torch.Tensor, db_codes: torch.Tensor
     """
     _validate(query_codes, db_codes, query_labels, db_labels)
     code_length = query_codes.shape[1]
+    if _backend(query_codes) == "numpy":
+        def per_chunk(ranker, rows):
+            retrieved, hits, num_relevant = ranker.radius_counts(rows)
+            retrieved, hits = retrieved.cumsum(axis=1), hits.cumsum(axis=1)
+            precision = np.where(retrieved > 0, hits / np.maximum(retrieved, 1), 0.0).sum(axis=0)
+            recall = np.where(num_relevant[:, None] > 0, hits / np.maximum(num_relevant, 1)[:, None], 0.0)
+            return precision, recall.sum(axis=0)
+
+        parts = _numpy_map(per_chunk, query_codes, db_codes, query_labels, db_labels, None, chunk_rows)
+        precision = torch.from_numpy(np.sum([p for p, _ in parts], axis=0))
+        recall = torch.from_numpy(np.sum([r for _, r in parts], axis=0))
+        return precision / query_codes.shape[0], recall / query_codes.shape[0]
     device = query_codes.device
     db_codes, db_labels, query_labels = db_codes.to(device), db_labels.to(device), query_labels.to(device)
     precision = torch.zeros(code_length + 1, dtype=torch.float64, device=device)
     recall = torch.zeros_like(precision)
     for rows in _chunks(query_codes.shape[0], db_codes.shape[0], chunk_rows):
         distances = hamming_distances(query_codes[rows], db_codes).long()
-        relevant = relevance(query_labels[rows], db_labels).to(torch.float64)
-        per_radius = torch.zeros(distances.shape[0], code_length + 1, dtype=torch.float64, device=device)
-        retrieved = per_radius.scatter_add(1, distances, torch.ones_like(relevant)).cumsum(dim=1)
-        hits = per_radius.scatter_add(1, distances, relevant).cumsum(dim=1)
+        relevant = relevance(query_labels[rows], db_labels)
+        per_radius = torch.zeros(distances.shape[0], code_length + 1, dtype=torch.int64, device=device)
+        retrieved = per_radius.scatter_add(1, distances, torch.ones_like(distances)).cumsum(dim=1)
+        hits = per_radius.scatter_add(1, distances, relevant.long()).cumsum(dim=1).to(torch.float64)
         num_relevant = relevant.sum(dim=1, keepdim=True)
         precision += torch.where(retrieved > 0, hits / retrieved.clamp(min=1), 0.0).sum(dim=0)
         recall += torch.where(num_relevant > 0, hits / num_relevant.clamp(min=1), 0.0).sum(dim=0)
