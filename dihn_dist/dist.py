@@ -68,8 +68,14 @@ def init(requested_device: str = "auto", timeout_s: float = 600) -> Context:
         torch.cuda.set_device(device)
     if world_size > 1 and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                      device_id=device if device.type == "cuda" else None)
+        timeout = timedelta(seconds=timeout_s)
+        store, rank, world_size = next(torch_dist.rendezvous("env://", timeout=timeout))
+        # torchrun's agent keeps one store across worker restarts: without a per-attempt prefix the
+        # restarted workers read the dead attempt's addresses and fail to connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = torch_dist.PrefixStore(f"dihn_dist/attempt{attempt}", store)
+        torch_dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                      timeout=timeout, device_id=device if device.type == "cuda" else None)
     _context = Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     return _context
 

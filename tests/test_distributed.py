@@ -89,8 +89,9 @@ def test_killed_worker_is_restarted_and_resumes_to_the_same_codes(tiny_prepared,
     assert torchrun(2, tiny_prepared, reference, *args).returncode == 0
 
     out = tmp_path / "restarted"
-    agent = subprocess.Popen([*TORCHRUN, "--nproc_per_node", "2", "--max-restarts", "1", "--master_port",
-                              str(free_port()), *train_args(tiny_prepared, out, *args)],
+    # The elastic (c10d) rendezvous, as recommended for --max-restarts.
+    agent = subprocess.Popen([*TORCHRUN, "--nproc_per_node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *train_args(tiny_prepared, out, *args)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = out / "checkpoints" / "original.pt"
     deadline = time.time() + 180
