@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -74,6 +75,32 @@ def raise_injected_failure(iteration: int) -> None:
     target = dict(item.split("=") for item in spec.split(","))
     if int(target["rank"]) == dist.context().rank and int(target["iteration"]) == iteration + 1:
         raise RuntimeError(f"injected failure (DIHN_FAIL_AT={spec}) on rank {dist.context().rank}")
+
+
+class StopRequested(Exception):
+    """SIGTERM (torchrun stopping its workers, a Slurm preemption) arrived; the last iteration is saved."""
+
+
+class StopFlag:
+    """SIGTERM only sets a flag; the loop checks it after each checkpoint, so a stopped run loses nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        logger.warning("SIGTERM received: stopping after the current outer iteration's checkpoint")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+STOP = StopFlag()
 
 
 def binarize(outputs: torch.Tensor) -> torch.Tensor:
@@ -351,6 +378,10 @@ class StageRunner:
                         f"loss {losses['total']:.4f} (hash {losses['hash']:.4f}, quant {losses['quantization']:.4f}, "
                         f"balance {losses['balance']:.4f}), train {timings['train_s']:.1f}s, dcc {timings['dcc_s']:.2f}s")
             self.checkpoint(iteration)
+            # Every rank must agree, or the ones that carry on would wait for the others forever.
+            if dist.any_rank(STOP.requested):
+                raise StopRequested(f"stopped by SIGTERM after outer iteration {iteration + 1} of stage "
+                                    f"{stage.name}; continue with --resume")
         frozen_after = codes_checksum(self.codes[:stage.num_frozen])
         if frozen_after != frozen_before:
             raise RuntimeError(f"stage {stage.name}: the frozen codes changed ({frozen_before} -> {frozen_after})")
@@ -462,40 +493,50 @@ def main(argv=None) -> int:
     ctx = dist.init(config.device)
     run = RunFolder(config.out)
     try:
-        if config.num_workers is None:
-            config.num_workers = default_num_workers()
-        data = load_prepared(config.data)
-        check_data(config, data)
-        check_resume(run, config)
-        dist.barrier()
-        run.root.mkdir(parents=True, exist_ok=True)
-        setup_logging(run, config.debug)
-        if config.debug:
-            torch.autograd.set_detect_anomaly(True)
-        resolution = input_resolution(config.arch, config.resolution, data.image_size)
-        if ctx.is_main:
-            atomic_write_json(run.path("format.json"), RUN_FORMAT)
-            atomic_write_json(run.path("config.json"), config.to_json())
-            atomic_write_json(run.path("manifest.json"), data.manifest)
-            atomic_save_numpy(run.path("database_labels.npy"), data.database_labels)
-            atomic_save_numpy(run.path("query_labels.npy"), data.query_labels)
-        logger.info(f"dihn_dist: {ctx.world_size} process(es) on {ctx.device}, data {data.root} "
-                    f"({data.num_original} original + {data.num_database - data.num_original} incremental "
-                    f"database items, {data.num_query} queries), run folder {run.root}")
-        reporter = Reporter(run, ctx.is_main)
-        results = {}
-        for name in config.stage:
-            results[name] = run_stage(name, config, data, run, reporter, resolution)
-            if ctx.is_main:
-                logger.info(f"stage {name}: {results[name]['row']}")
-        if ctx.is_main:
-            write_metrics(run, config, results)
-            print_table(results)
-            reporter.hparams(config, {f"{name}_map_all": r["row"]["map_all"] for name, r in results.items()})
-        reporter.close()
-        return 0
+        with STOP:
+            return train(config, run)
+    except StopRequested as stop:
+        logger.warning(str(stop))
+        return 128 + signal.SIGTERM
     finally:
         dist.shutdown()
+
+
+def train(config: Config, run: RunFolder) -> int:
+    """The configured stages in order; rank 0 writes the run folder's shared files."""
+    ctx = dist.context()
+    if config.num_workers is None:
+        config.num_workers = default_num_workers()
+    data = load_prepared(config.data)
+    check_data(config, data)
+    check_resume(run, config)
+    dist.barrier()
+    run.root.mkdir(parents=True, exist_ok=True)
+    setup_logging(run, config.debug)
+    if config.debug:
+        torch.autograd.set_detect_anomaly(True)
+    resolution = input_resolution(config.arch, config.resolution, data.image_size)
+    if ctx.is_main:
+        atomic_write_json(run.path("format.json"), RUN_FORMAT)
+        atomic_write_json(run.path("config.json"), config.to_json())
+        atomic_write_json(run.path("manifest.json"), data.manifest)
+        atomic_save_numpy(run.path("database_labels.npy"), data.database_labels)
+        atomic_save_numpy(run.path("query_labels.npy"), data.query_labels)
+    logger.info(f"dihn_dist: {ctx.world_size} process(es) on {ctx.device}, data {data.root} "
+                f"({data.num_original} original + {data.num_database - data.num_original} incremental "
+                f"database items, {data.num_query} queries), run folder {run.root}")
+    reporter = Reporter(run, ctx.is_main)
+    results = {}
+    for name in config.stage:
+        results[name] = run_stage(name, config, data, run, reporter, resolution)
+        if ctx.is_main:
+            logger.info(f"stage {name}: {results[name]['row']}")
+    if ctx.is_main:
+        write_metrics(run, config, results)
+        print_table(results)
+        reporter.hparams(config, {f"{name}_map_all": r["row"]["map_all"] for name, r in results.items()})
+    reporter.close()
+    return 0
 
 
 def print_table(results: Dict[str, dict]) -> None:

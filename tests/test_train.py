@@ -199,3 +199,26 @@ def test_config_file_with_flag_override(tiny_prepared, tmp_path):
     bad.write_text(json.dumps({"code_lenght": 24}))
     with pytest.raises(ValueError, match="unknown key 'code_lenght'"):
         parse_config(["--config", str(bad)])
+
+
+def test_sigterm_stops_after_a_checkpoint_and_resume_finishes(tiny_prepared, tmp_path):
+    args = ["--max-iter", "4", "--stage", "original"]
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(tiny_prepared, reference, *args), check=True, capture_output=True)
+
+    out = tmp_path / "stopped"
+    process = subprocess.Popen(_train_command(tiny_prepared, out, *args), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    log = out / "train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and "iteration 1/4" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "continue with --resume" in stderr
+    stopped_after = torch.load(out / "checkpoints" / "original.pt", weights_only=False)["iteration"]
+    assert stopped_after < 3 and not (out / "original" / "result.json").exists()
+    subprocess.run(_train_command(tiny_prepared, out, *args, "--resume"), check=True, capture_output=True)
+    assert np.array_equal(np.load(reference / "original" / "database_codes.npy"),
+                          np.load(out / "original" / "database_codes.npy"))
