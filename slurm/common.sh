@@ -160,6 +160,9 @@ dihn_torchrun() {
   workers="$(dihn_workers_per_process "$nproc")"
   # If SIGUSR1 ever reaches an agent (e.g. --signal without B:), stop the workers instead of dying.
   export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
+  # The trainer finishes and checkpoints its current outer iteration on SIGTERM: give it the grace period
+  # before torchrun escalates to SIGKILL.
+  export PET_SHUTDOWN_TIMEOUT="${PET_SHUTDOWN_TIMEOUT:-${STOP_GRACE_S:-90}}"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$workers}"
   local -a extra=()
   read -r -a extra <<< "${EXTRA_ARGS:-}"
