@@ -310,12 +310,9 @@ def test_cpu_smoke_job_completes_with_outputs_and_metrics(uninterrupted, tiny_pr
           f"stage train times " + ", ".join(f"{s} {metrics['stages'][s]['train_time_s']:.1f} s" for s in STAGES))
 
 
-@pytest.mark.slow
-def test_requeued_job_resumes_to_the_same_codes(cluster, uninterrupted, tiny_prepared, tmp_path):
-    job = Job(cluster, tiny_prepared, tmp_path / "run", tmp_path)
-    job.wait_for_checkpoint()
-    cluster.run(["scontrol", "requeue", job.id])
-    job.wait_requeued()
+def assert_second_attempt_resumes_to_the_same_codes(job, uninterrupted):
+    """After a requeue: nothing of the first attempt still runs; the second one resumes and ends with the
+    uninterrupted run's codes."""
     leftover = worker_processes(job.out)
     assert not leftover, f"training processes {leftover} outlived the requeued attempt"
     job.release()
@@ -323,6 +320,15 @@ def test_requeued_job_resumes_to_the_same_codes(cluster, uninterrupted, tiny_pre
     assert fields.get("Restarts") == "1"
     assert_resumed(job)
     assert_same_codes(job.out, uninterrupted.out)
+
+
+@pytest.mark.slow
+def test_requeued_job_resumes_to_the_same_codes(cluster, uninterrupted, tiny_prepared, tmp_path):
+    job = Job(cluster, tiny_prepared, tmp_path / "run", tmp_path)
+    job.wait_for_checkpoint()
+    cluster.run(["scontrol", "requeue", job.id])
+    job.wait_requeued()
+    assert_second_attempt_resumes_to_the_same_codes(job, uninterrupted)
 
 
 @pytest.mark.slow
@@ -341,10 +347,4 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_completes(cluster, uni
     if not re.search(r"Received .*(15|SIGTERM).* death signal", log):
         job.fail("torchrun's agent did not receive SIGTERM")
     assert checkpoint.exists(), "the checkpoint vanished"
-    leftover = worker_processes(job.out)
-    assert not leftover, f"training processes {leftover} outlived the requeued attempt"
-    job.release()
-    fields = job.wait_done(timeout_s=300)
-    assert fields.get("Restarts") == "1"
-    assert_resumed(job)
-    assert_same_codes(job.out, uninterrupted.out)
+    assert_second_attempt_resumes_to_the_same_codes(job, uninterrupted)
