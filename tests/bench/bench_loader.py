@@ -83,12 +83,16 @@ def time_reference(pixels, labels, subset, args, workers: int) -> float:
     return time.perf_counter() - start
 
 
-def time_ffcv(data, subset, args, workers: int):
+def time_ffcv(data, subset, args, workers: int, trainer_path: bool):
+    """trainer_path: what dihn_dist.train runs (loader without augmentation, then the seeded crop + flip of
+    dihn_dist.augment on the device); otherwise FFCV's own random-resized-crop decoder and flip."""
+    from dihn_dist import augment
     from dihn_dist.data import TrainLoader, batch_schedule
     threads = max(workers, 1)   # FFCV's workers are numba threads; 0 torch workers = 1 thread doing the work
     start = time.perf_counter()
     loader = TrainLoader(data, batch_size=args.batch_size, resolution=args.resolution, device=torch.device("cpu"),
-                         num_workers=threads, length=len(subset))
+                         num_workers=threads, length=len(subset), augment="none" if trainer_path else "crop-flip")
+    generator = torch.Generator().manual_seed(0)
     positions, steps = batch_schedule(subset, args.batch_size, 1, 0)
     loader.set_order(positions, steps)
     for _ in loader:   # first epoch compiles the numba pipeline
@@ -99,8 +103,10 @@ def time_ffcv(data, subset, args, workers: int):
     for _ in range(args.epochs):
         positions, steps = batch_schedule(rng.permutation(subset), args.batch_size, 1, 0)
         loader.set_order(positions, steps)
+        params = augment.draw_params(generator, data.num_database, "crop-flip")
         for images, labels, index in loader:
-            pass
+            if trainer_path:
+                augment.apply(images, params[index])
     return time.perf_counter() - start, build
 
 
@@ -123,13 +129,18 @@ def main():
         images = args.subset * args.epochs
         print(f"loader: {args.subset} items x {args.epochs} epochs at {args.resolution} px, batch {args.batch_size}; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        print(f"{'workers':>8} {'reference img/s':>16} {'ffcv img/s':>11} {'ratio':>6} {'ffcv build+compile s':>21}")
+        print("trainer path = FFCV loader + seeded crop/flip on the device (what dihn_dist.train runs); "
+              "ffcv-aug = FFCV's own unseeded crop/flip decoder")
+        print(f"{'workers':>8} {'reference img/s':>16} {'trainer path img/s':>19} {'ratio':>6} "
+              f"{'ffcv-aug img/s':>15} {'ratio':>6} {'build+compile s':>16}")
         for workers in args.workers:
             torch.set_num_threads(max(workers, 1))   # same CPU share for both paths: 0 workers = 1 thread
             reference = time_reference(pixels, labels, subset, args, workers)
-            ffcv_seconds, build = time_ffcv(data, subset, args, workers)
-            print(f"{workers:>8} {images / reference:>16,.0f} {images / ffcv_seconds:>11,.0f} "
-                  f"{reference / ffcv_seconds:>6.2f} {build:>21.1f}", flush=True)
+            trainer_seconds, build = time_ffcv(data, subset, args, workers, trainer_path=True)
+            ffcv_seconds, _ = time_ffcv(data, subset, args, workers, trainer_path=False)
+            print(f"{workers:>8} {images / reference:>16,.0f} {images / trainer_seconds:>19,.0f} "
+                  f"{reference / trainer_seconds:>6.2f} {images / ffcv_seconds:>15,.0f} "
+                  f"{reference / ffcv_seconds:>6.2f} {build:>16.1f}", flush=True)
 
 
 if __name__ == "__main__":
