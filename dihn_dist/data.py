@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -79,6 +80,26 @@ class PreparedData:
         if part not in ("query", "database"):
             raise ValueError(f"part: expected 'query' or 'database', got {part!r}")
         return self.root / f"{part}.beton"
+
+
+def hide_discarded_loader_noise() -> None:
+    """Discarded FFCV Loaders make numba's dispatcher finalizers raise a harmless KeyError when they are
+    garbage-collected (NOTES section 4). Keep those out of the user's terminal; report everything else."""
+    previous = sys.unraisablehook
+    if getattr(previous, "hides_loader_noise", False):
+        return
+
+    def hook(unraisable):
+        frame = unraisable.exc_traceback
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        from_numba_finalizer = frame is not None and frame.tb_frame.f_code.co_filename.endswith(
+            "numba/core/dispatcher.py")
+        if not (isinstance(unraisable.exc_value, KeyError) and from_numba_finalizer):
+            previous(unraisable)
+
+    hook.hides_loader_noise = True
+    sys.unraisablehook = hook
 
 
 def load_prepared(data_dir) -> PreparedData:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from . import metrics
-from .data import IMAGENET_MEAN, IMAGENET_STD, Normaliser, PreparedData, eval_batches, eval_crop_ratio, load_prepared
+from .data import (IMAGENET_MEAN, IMAGENET_STD, Normaliser, PreparedData, eval_batches, eval_crop_ratio,
+                   hide_discarded_loader_noise, load_prepared)
 from .exported import ExportedRun, StageExport, load_run, load_stage
 from .models import build_model, input_resolution
 from .train import binarize
@@ -346,6 +347,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    hide_discarded_loader_noise()
     args = parse_args(argv)
     try:
         retrieval = retrieve(args.run_dir, args.query, args.stage, args.topk, args.data, args.out,

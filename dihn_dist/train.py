@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import augment, dist, hashing, metrics
 from .config import RESUME_INVARIANTS, Config, default_num_workers, parse_config
-from .data import PreparedData, TrainLoader, batch_schedule, eval_batches, load_prepared
+from .data import (PreparedData, TrainLoader, batch_schedule, eval_batches, hide_discarded_loader_noise,
+                   load_prepared)
 from .exported import RUN_FORMAT, STAGE_SHORT_TITLES, STAGE_TITLES
 from .models import build_model, input_resolution
 from .runfolder import RunFolder, atomic_torch_save, atomic_write_json, atomic_save_numpy, codes_checksum
@@ -489,6 +490,7 @@ def write_metrics(run: RunFolder, config: Config, results: Dict[str, dict]) -> d
 
 
 def main(argv=None) -> int:
+    hide_discarded_loader_noise()
     config = parse_config(argv)
     ctx = dist.init(config.device)
     run = RunFolder(config.out)
