@@ -21,7 +21,7 @@ STAGES = ("original", "incremental", "retrain")
 
 @dataclass
 class Config:
-    data: str = "data/fashion-mnist"
+    data: Optional[str] = None  # default: data/<dataset>, data/fashion-mnist without --dataset
     dataset: Optional[str] = None
     root: Optional[str] = None
     out: str = "runs/dihn"
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     a("--config", help="JSON or YAML file of defaults (keys are flag names with - or _); flags override it")
-    a("--data", help="prepared dataset folder (python -m dihn_dist.prepare writes it)")
+    a("--data", help="prepared dataset folder (python -m dihn_dist.prepare writes it); "
+                     "default: data/<--dataset>, or data/fashion-mnist")
     a("--dataset", help="dataset name; checked against the prepared manifest")
     a("--root", help="source dataset folder (reference CLI); used to say how to prepare --data")
     a("--out", help="run folder: config, metrics, codes, model weights, logs, TensorBoard, checkpoints")
@@ -167,6 +168,8 @@ def parse_config(argv=None) -> Config:
         values = {**DEBUG_DEFAULTS, **values}
     values.update(given)
     config = Config(**values)
+    if config.data is None:
+        config.data = f"data/{config.dataset or 'fashion-mnist'}"
     validate(config)
     return config
 

@@ -509,7 +509,13 @@ def train(config: Config, run: RunFolder) -> int:
     ctx = dist.context()
     if config.num_workers is None:
         config.num_workers = default_num_workers()
-    data = load_prepared(config.data)
+    try:
+        data = load_prepared(config.data)
+    except FileNotFoundError as missing:
+        if config.root:  # the reference CLI's --dataset/--root: say exactly how to prepare them
+            raise FileNotFoundError(f"{missing}\nwith --root given: python -m dihn_dist.prepare --dataset "
+                                    f"{config.dataset or 'DATASET'} --root {config.root} --out {config.data}") from None
+        raise
     check_data(config, data)
     check_resume(run, config)
     dist.barrier()

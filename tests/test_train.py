@@ -222,3 +222,31 @@ def test_sigterm_stops_after_a_checkpoint_and_resume_finishes(tiny_prepared, tmp
     subprocess.run(_train_command(tiny_prepared, out, *args, "--resume"), check=True, capture_output=True)
     assert np.array_equal(np.load(reference / "original" / "database_codes.npy"),
                           np.load(out / "original" / "database_codes.npy"))
+
+
+def test_reference_cli_dataset_and_root_say_how_to_prepare(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="prepare --dataset cifar-10 --root /src/cifar --out data/cifar-10"):
+        train.main(["--dataset", "cifar-10", "--root", "/src/cifar", "--out", str(tmp_path / "x"), *TINY])
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_prepared, tmp_path, monkeypatch):
+    import errno
+    from dihn_dist import runfolder
+    real_fsync = runfolder.os.fsync
+    writes = {"checkpoints": 0}
+
+    def fsync(fd):
+        if "checkpoints" in os.readlink(f"/proc/self/fd/{fd}"):
+            writes["checkpoints"] += 1
+            if writes["checkpoints"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(runfolder.os, "fsync", fsync)
+    out = tmp_path / "full"
+    with pytest.raises(OSError, match="original.pt .*No space left.*previous version of it, if any, is intact"):
+        run_train(tiny_prepared, out, "--max-iter", "3", "--stage", "original")
+    checkpoints = list((out / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["original.pt"], "a temp file was left behind"
+    assert torch.load(checkpoints[0], weights_only=False)["iteration"] == 0
