@@ -58,11 +58,14 @@ ensure_venv() {
     return 0
   fi
   [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
-  log "installing dihn_dist[test] into $VENV (constraints: $CONSTRAINTS)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  # numpy/cython must be present before FFCV's source build looks for them.
-  PIP_CONSTRAINT="$CONSTRAINTS" "$VENV/bin/python" -m pip install -q numpy cython
-  PIP_CONSTRAINT="$CONSTRAINTS" "$VENV/bin/python" -m pip install -q --no-build-isolation -e "$REPO_ROOT[test]"
+  local install_log="$VENV/install.log"
+  log "installing dihn_dist[test] into $VENV (constraints: $CONSTRAINTS; log: $install_log)"
+  {
+    "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel &&
+    # numpy/cython must be present before FFCV's source build looks for them.
+    PIP_CONSTRAINT="$CONSTRAINTS" "$VENV/bin/python" -m pip install -q numpy cython &&
+    PIP_CONSTRAINT="$CONSTRAINTS" "$VENV/bin/python" -m pip install -q --no-build-isolation -e "$REPO_ROOT[test]"
+  } > "$install_log" 2>&1 || { tail -n 40 "$install_log" >&2; die "pip install failed (full log: $install_log)"; }
   echo "$want" > "$stamp_file"
 }
 
