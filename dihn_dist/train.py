@@ -208,7 +208,9 @@ def train_on_sample(model, optimizer, loader: TrainLoader, sample: torch.Tensor,
     num_samples, code_length, n = sample.shape[0], codes.shape[1], stage.num_database
     slot_of_position = torch.full((n,), -1, dtype=torch.long)
     slot_of_position[sample] = torch.arange(num_samples)
-    totals = torch.zeros(4, dtype=torch.float64)  # hash, quantization, balance (global), items
+    # hash, quantization, balance (global), items; kept on the device so a step waits for nothing
+    # but the finiteness check
+    totals = torch.zeros(4, dtype=torch.float64, device=codes.device)
     kept_outputs, kept_positions = [], []
     for epoch in range(config.max_epoch):
         generator = seeded_generator(config.seed, stage.seed_key, iteration, epoch)
@@ -239,8 +241,8 @@ def train_on_sample(model, optimizer, loader: TrainLoader, sample: torch.Tensor,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals += torch.tensor([terms["hash"].item(), terms["quantization"].item(),
-                                    balance.item() / ctx.world_size, outputs.shape[0]], dtype=torch.float64)
+            items = torch.tensor(float(outputs.shape[0]), device=outputs.device)
+            totals += torch.stack([terms["hash"], terms["quantization"], balance / ctx.world_size, items]).detach()
             if last_epoch:
                 kept_outputs.append(outputs.detach())
                 kept_positions.append(batch_positions)
