@@ -38,11 +38,18 @@ ensure_apt_packages() {
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 }
 
+# A Python that can make a venv and has its C headers (FFCV compiles an extension against them).
+python_ready() {
+  "$PYTHON" -c 'import venv, ensurepip, os, sysconfig
+assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' >/dev/null 2>&1
+}
+
 ensure_python() {
-  if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
-    [ "${DIHN_SKIP_APT:-0}" = 1 ] && die "$PYTHON cannot create virtual environments (install python3-venv)"
-    ensure_apt_packages python3 python3-venv python3-dev
+  if ! python_ready; then
+    [ "${DIHN_SKIP_APT:-0}" = 1 ] && die "$PYTHON cannot build dihn_dist's dependencies: install python3-venv and python3-dev"
     PYTHON=python3
+    ensure_apt_packages python3 python3-venv python3-dev
+    python_ready || die "python3 still lacks venv or its headers after installing python3-venv python3-dev"
   fi
 }
 
