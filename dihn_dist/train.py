@@ -153,9 +153,11 @@ def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config
     network = model.module if isinstance(model, DistributedDataParallel) else model
     network.eval()
     codes = []
+    batch_size = max(config.batch_size, 256)
+    batches = eval_batches(data, part, batch_size=batch_size, resolution=resolution, device=ctx.device,
+                           num_workers=config.num_workers, indices=shard)
     with torch.no_grad():
-        for images, _, _ in eval_batches(data, part, batch_size=max(config.batch_size, 256), resolution=resolution,
-                                         device=ctx.device, num_workers=config.num_workers, indices=shard):
+        for images, _, _ in progress(batches, -(-len(shard) // batch_size), f"encoding {part}"):
             codes.append(binarize(network(images)))
     network.train()
     local = torch.cat(codes) if codes else torch.empty(0, config.code_length, dtype=torch.int8, device=ctx.device)
