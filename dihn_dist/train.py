@@ -207,7 +207,7 @@ def train_on_sample(model, optimizer, loader: TrainLoader, sample: torch.Tensor,
     plus the bit-balance of the all-reduced per-bit sums, whose backward all-reduces again.
     """
     ctx = dist.context()
-    num_samples, code_length, n = sample.shape[0], codes.shape[1], stage.num_database
+    num_samples, n = sample.shape[0], stage.num_database
     slot_of_position = torch.full((n,), -1, dtype=torch.long)
     slot_of_position[sample] = torch.arange(num_samples)
     # hash, quantization, balance (global), items; kept on the device so a step waits for nothing
@@ -324,6 +324,8 @@ class StageRunner:
         self.start_iteration = checkpoint["iteration"] + 1
         self.elapsed_s = checkpoint["elapsed_s"]
         torch.set_rng_state(checkpoint["torch_rng"])
+        if checkpoint.get("cuda_rng") is not None and self.codes.is_cuda:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], self.codes.device)
         logger.info(f"stage {self.stage.name}: resumed after iteration {checkpoint['iteration']}")
 
     def network_state(self) -> dict:
@@ -337,6 +339,8 @@ class StageRunner:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "codes": self.codes.to("cpu", torch.int8), "history": self.history,
                 "elapsed_s": self.elapsed_s, "torch_rng": torch.get_rng_state(),
+                # dropout (alexnet) on a GPU draws from the device's generator
+                "cuda_rng": torch.cuda.get_rng_state(self.codes.device) if self.codes.is_cuda else None,
             })
         dist.barrier()
 
