@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import augment, dist, hashing, metrics
 from .config import RESUME_INVARIANTS, Config, default_num_workers, parse_config
-from .data import (PreparedData, TrainLoader, batch_schedule, eval_batches, hide_discarded_loader_noise,
-                   load_prepared)
+from .data import (PreparedData, TrainLoader, batch_schedule, eval_batches, global_batch_bounds,
+                   hide_discarded_loader_noise, load_prepared)
 from .exported import RUN_FORMAT, STAGE_SHORT_TITLES, STAGE_TITLES
 from .models import build_model, input_resolution
 from .runfolder import RunFolder, atomic_torch_save, atomic_write_json, atomic_save_numpy, codes_checksum
@@ -192,11 +192,6 @@ def retrieval_row(query_codes, db_codes, query_labels, db_labels, num_seen: int,
 # ----------------------------------------------------------------------------------------------------
 # One outer iteration's training on the sampled subset
 
-def global_step_sizes(order: np.ndarray, batch_size: int, world_size: int) -> List[int]:
-    per_rank = [batch_schedule(order, batch_size, world_size, rank)[1] for rank in range(world_size)]
-    return [sum(sizes) for sizes in zip(*per_rank)]
-
-
 def train_on_sample(model, optimizer, loader: TrainLoader, sample: torch.Tensor, codes: torch.Tensor,
                     labels: torch.Tensor, r: Optional[float], stage: Stage, config: Config, iteration: int):
     """--max-epoch epochs over the sample with the codes fixed.
@@ -219,7 +214,8 @@ def train_on_sample(model, optimizer, loader: TrainLoader, sample: torch.Tensor,
         order = sample[torch.randperm(num_samples, generator=generator)].numpy()
         augment_params = augment.draw_params(generator, num_samples, config.augment)
         positions, step_sizes = batch_schedule(order, config.batch_size, ctx.world_size, ctx.rank)
-        global_sizes = global_step_sizes(order, config.batch_size, ctx.world_size)
+        global_sizes = [end - start for start, end in
+                        global_batch_bounds(num_samples, config.batch_size * ctx.world_size, ctx.world_size)]
         loader.set_order(positions, step_sizes)
         last_epoch = epoch == config.max_epoch - 1
         batches = progress(loader, len(step_sizes), f"{stage.name} it {iteration + 1} epoch {epoch + 1}")

@@ -12,6 +12,8 @@ APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev gcc g++ make dataset-fa
 
 log() { printf '[dihn_dist setup] %s\n' "$*" >&2; }
 die() { printf '[dihn_dist setup] ERROR: %s\n' "$*" >&2; exit 1; }
+# Print the exact command (shell-quoted), then run it: every launch helper shows what it runs.
+run() { printf '+'; printf ' %q' "$@"; printf '\n'; "$@"; }
 
 missing_apt_packages() {
   local pkg

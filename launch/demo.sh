@@ -8,7 +8,6 @@ setup_all
 cd "$REPO_ROOT"
 DATA="${DIHN_DATA:-$REPO_ROOT/data/fashion-mnist}"
 OUT="${DIHN_OUT:-$REPO_ROOT/runs/demo}"
-run() { echo "+ $*" >&2; "$@"; }
 run python -m dihn_dist.prepare --dataset fashion-mnist --out "$DATA"
 run python -m dihn_dist.train --data "$DATA" --out "$OUT" --resume \
   --arch small-cnn --code-length 12 --max-iter 20 --max-epoch 3 --num-samples 2000 --batch-size 64 \

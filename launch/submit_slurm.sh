@@ -7,7 +7,6 @@
 # environment. Logs: slurm/logs/<job name>-<job id>.out.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"; setup_all
 cd "$REPO_ROOT"
-run() { printf '+'; printf ' %q' "$@"; printf '\n'; "$@"; }
 [ $# -ge 1 ] || die "usage: launch/submit_slurm.sh TEMPLATE [sbatch args]; templates: $(cd slurm && ls ./*.sbatch | tr '\n' ' ')"
 TEMPLATE="$1"; shift
 for candidate in "$TEMPLATE" "slurm/$TEMPLATE" "slurm/$TEMPLATE.sbatch"; do

@@ -5,7 +5,6 @@
 # (default: the CPUs divided by N) and --num-workers loader threads (pass it: default is every CPU).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"; setup_all
 cd "$REPO_ROOT"
-run() { printf '+'; printf ' %q' "$@"; printf '\n'; "$@"; }
 NPROC="${NPROC:-2}"
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then NPROC="$1"; shift; fi
 [ "$NPROC" -gt 0 ] || die "expected a positive number of processes, got $NPROC"

@@ -4,5 +4,4 @@
 #   launch/train_debug.sh --data data/fashion-mnist --out runs/debug --arch small-cnn
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"; setup_all
 cd "$REPO_ROOT"
-run() { printf '+'; printf ' %q' "$@"; printf '\n'; "$@"; }
 run python -m dihn_dist.train --debug "$@"

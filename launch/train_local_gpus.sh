@@ -4,7 +4,6 @@
 # NGPUS=2 limits it to the first two GPUs (or set CUDA_VISIBLE_DEVICES). --batch-size is per GPU.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"; setup_all
 cd "$REPO_ROOT"
-run() { printf '+'; printf ' %q' "$@"; printf '\n'; "$@"; }
 NGPUS="${NGPUS:-$(python -c 'import torch; print(torch.cuda.device_count())')}"
 [ "$NGPUS" -gt 0 ] || die "no CUDA GPU visible to torch (torch.cuda.device_count() is 0): use launch/train_cpu.sh or launch/train_debug.sh"
 run torchrun --standalone --nproc_per_node "$NGPUS" -m dihn_dist.train --device cuda "$@"
