@@ -16,7 +16,7 @@ from typing import List, Optional
 from .augment import AUGMENTATIONS
 from .models import ARCHITECTURES
 
-STAGES = ("original", "incremental", "retrain")
+from .formats import STAGES
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .prepare import FORMAT, FORMAT_VERSION, MANIFEST
+from .formats import MANIFEST, PREPARED_FORMAT, PREPARED_FORMAT_VERSION, is_incremental
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -130,12 +130,12 @@ def read_manifest(path: Path, hint: str) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as error:
         raise ValueError(f"{path}: not valid JSON ({error}); rebuild with: {hint} --force") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a dihn_dist preparation (expected \"format\": \"{FORMAT}\"); make one with: "
+    if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT:
+        raise ValueError(f"{path}: not a dihn_dist preparation (expected \"format\": \"{PREPARED_FORMAT}\"); make one with: "
                          f"{hint}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") != PREPARED_FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest.get('format_version')}, this dihn_dist reads "
-                         f"{FORMAT_VERSION}; rebuild with: {hint} --force")
+                         f"{PREPARED_FORMAT_VERSION}; rebuild with: {hint} --force")
     missing = [key for key in ("dataset", "num_database", "num_query", "num_classes", "num_original", "num_seen",
                                "image") if key not in manifest]
     if missing:
@@ -154,7 +154,7 @@ def read_labels(path: Path, rows: int, columns: int) -> np.ndarray:
 
 
 def check_original_first(data: PreparedData, manifest_path: Path) -> None:
-    incremental = data.database_labels[:, data.num_seen:].any(axis=1)
+    incremental = is_incremental(data.database_labels, data.num_seen)
     if incremental[:data.num_original].any() or not incremental[data.num_original:].all():
         raise ValueError(f"{manifest_path}: database rows are not original items (labels < {data.num_seen}) "
                          f"followed by incremental ones at num_original={data.num_original}")

@@ -27,7 +27,8 @@ import torch
 
 from . import metrics
 from .config import Config
-from .exported import STAGE_SHORT_TITLES, STAGE_TITLES, ExportedRun, StageExport, load_run, load_stages
+from .exported import ExportedRun, StageExport, load_run, load_stages
+from .formats import STAGE_SHORT_TITLES, STAGE_TITLES
 from .train import retrieval_row
 
 # Figures are saved at a fixed size (no tight bounding box), so every PNG has a predictable pixel size.

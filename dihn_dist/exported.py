@@ -1,7 +1,7 @@
 """Reading a run folder's exported codes and labels with numpy alone (no torch, no dihn_dist needed).
 
 The exported format (what `python -m dihn_dist.train --out RUN_DIR` leaves; a serving system can load it
-with the standard library and numpy, and may copy this file as it is):
+with the standard library and numpy, and may copy this file and `formats.py` as they are):
 
     RUN_DIR/format.json            {"format": "dihn_dist.run", "format_version": 1}
     RUN_DIR/config.json            the trainer's settings; code_length (c), arch, resolution, topk, precision_k
@@ -37,19 +37,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-# The prepared-data format this reader understands (dihn_dist.prepare writes it into manifest.json).
-PREPARED_FORMAT = "dihn_dist.prepared"
+from .formats import PREPARED_FORMAT, RUN_FORMAT, STAGES
+
+# The prepared-data format versions this reader understands.
 PREPARED_FORMAT_VERSIONS = (1,)
-STAGES = ("original", "incremental", "retrain")
-# The run folder's own format marker (RUN_DIR/format.json), written by the trainer before anything else.
-RUN_FORMAT = {"format": "dihn_dist.run", "format_version": 1}
-# How each stage's retrieval row is named in reports (the rows of the paper's comparison).
-STAGE_TITLES = {
-    "original": "original codes (ADSH, original database)",
-    "incremental": "DIHN (whole database)",
-    "retrain": "ADSH retrained on all classes",
-}
-STAGE_SHORT_TITLES = {"original": "original codes", "incremental": "DIHN", "retrain": "retrained ADSH"}
 
 
 class IncompleteRunError(FileNotFoundError):

@@ -35,10 +35,8 @@ from loguru import logger
 
 from . import __version__
 from .datasets import DATASETS, SourceDataset, SourcePart, first_rows_per_class, open_dataset
+from .formats import MANIFEST, PREPARED_FORMAT, PREPARED_FORMAT_VERSION, is_incremental
 
-FORMAT = "dihn_dist.prepared"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 DEFAULT_MAX_SIDE = 256
 JPEG_QUALITY = 90
 
@@ -109,10 +107,6 @@ class Split:
     num_original: int
 
 
-def incremental_mask(labels: np.ndarray, num_seen: int) -> np.ndarray:
-    return labels[:, num_seen:].any(axis=1)
-
-
 def select_rows(part: SourcePart, per_class: Optional[int], excluded: Set[int]) -> np.ndarray:
     rows = np.asarray([r for r in part.rows if int(r) not in excluded], dtype=np.int64) if excluded \
         else np.asarray(part.rows, dtype=np.int64)
@@ -125,7 +119,7 @@ def make_split(dataset: SourceDataset, num_seen: int, database_per_class: Option
                query_per_class: Optional[int], excluded_query: Set[int], excluded_database: Set[int]) -> Split:
     query_rows = select_rows(dataset.query, query_per_class, excluded_query)
     database_rows = select_rows(dataset.database, database_per_class, excluded_database)
-    incremental = incremental_mask(dataset.database.labels[database_rows], num_seen)
+    incremental = is_incremental(dataset.database.labels[database_rows], num_seen)
     ordered = np.concatenate([database_rows[~incremental], database_rows[incremental]])
     split = Split(query_rows, ordered, int((~incremental).sum()))
     check_split_not_empty(dataset, split, num_seen)
@@ -299,7 +293,7 @@ def build_manifest(dataset: SourceDataset, split: Split, num_seen: int, excluded
     skipped = {name: [getattr(dataset, name).images.describe(r) for r in sorted(rows)]
                for name, rows in excluded.items()}
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "dihn_dist_version": __version__,
+        "format": PREPARED_FORMAT, "format_version": PREPARED_FORMAT_VERSION, "dihn_dist_version": __version__,
         "dataset": dataset.name,
         "protocol": {**dataset.protocol,
                      "order": "database = original items (all labels < num_seen) in source order, "
@@ -333,7 +327,7 @@ def read_complete_manifest(out: Path) -> Optional[Dict[str, object]]:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT:
         return None
     files = manifest.get("files", {})
     for name, size in files.items():

@@ -29,7 +29,7 @@ from . import augment, dist, hashing, metrics
 from .config import RESUME_INVARIANTS, Config, default_num_workers, parse_config
 from .data import (PreparedData, TrainLoader, batch_schedule, eval_batches, global_batch_bounds,
                    hide_discarded_loader_noise, load_prepared)
-from .exported import RUN_FORMAT, STAGE_SHORT_TITLES, STAGE_TITLES
+from .formats import RUN_FORMAT, STAGE_SHORT_TITLES, STAGE_TITLES
 from .models import build_model, input_resolution
 from .runfolder import RunFolder, atomic_torch_save, atomic_write_json, atomic_save_numpy, codes_checksum
 
