@@ -9,6 +9,8 @@ data factorizes (S = 2 Y_s Y_db^T - 1), multi-label data is processed in blocks 
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -197,6 +199,174 @@ def dihn_loss(outputs, database_codes, batch_similarity, own_codes, gamma: float
     terms = loss_terms(outputs, database_codes, batch_similarity, own_codes)
     balance = bit_balance_loss(outputs.sum(dim=0))
     return (terms["hash"] + gamma * terms["quantization"] + mu * balance) / (outputs.shape[0] * num_database)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Factorized hash term: the batch x database hash loss at a per-step cost independent of n
+#
+# Within an outer iteration the codes B (n x c) and r are fixed, and S_ij depends on the batch item i
+# only through its label pattern p. Expanding the square for one batch item u:
+#     sum_j (u . b_j - c S_pj)^2 = u^T G u - 2c u . T_p + c^2 Q_p,
+#     G = B^T B,   T_p = sum_j S_pj b_j,   Q_p = sum_j S_pj^2.
+# G, T and Q are computed once per code update (hash_term_stats); each step then costs O(b c^2)
+# (factorized_hash_loss) instead of O(b n c).
+
+# Label patterns per side of one block of the pattern x pattern "share" matrix: 4,096^2 float64 =
+# 128 MiB (plus its float32 and bool forms), bounded however many distinct patterns the database has.
+DEFAULT_PATTERN_BLOCK_ROWS = 4096
+
+
+@dataclass(frozen=True, eq=False)
+class HashTermStats:
+    """What the factorized hash term needs from the fixed codes, on the codes' device (float64 but the ids).
+
+    gram (c x c): G = B^T B. targets (P x c): T_p, one row per label pattern. target_norms (P,): Q_p.
+    pattern_of_row (n,) int64: the pattern of each database row (the one given to hash_term_stats), so a
+    batch's database positions map to pattern ids with patterns_at(positions).
+    """
+    gram: torch.Tensor
+    targets: torch.Tensor
+    target_norms: torch.Tensor
+    pattern_of_row: torch.Tensor
+    code_length: int
+    num_database: int
+
+    @property
+    def num_patterns(self) -> int:
+        return self.targets.shape[0]
+
+    def patterns_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Pattern ids of the database rows at positions, on the device of the stats."""
+        return self.pattern_of_row[positions.to(self.pattern_of_row.device)]
+
+
+def label_patterns(db_labels: torch.Tensor):
+    """(patterns (P x L bool), pattern_of_row (n,) int64) on the device of db_labels.
+
+    patterns holds the distinct label rows of the database and patterns[pattern_of_row] == db_labels != 0.
+    Single-label data gives one pattern per class present; multi-label data repeats patterns heavily
+    (thousands of patterns for hundreds of thousands of rows), which is what makes the hash term cheap.
+    Computed once per stage: the labels do not change between outer iterations.
+    """
+    check_labels("db_labels", db_labels)
+    check_nonempty("db_labels", db_labels)
+    patterns, pattern_of_row = _unique_label_rows(db_labels, db_labels.device)
+    return patterns, pattern_of_row.to(torch.long)
+
+
+def _check_pattern_ids(name: str, ids: torch.Tensor, rows: int, num_patterns: int, other: str) -> None:
+    """ids: a 1-D integer tensor of `rows` pattern ids in [0, num_patterns)."""
+    if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex()
+            or ids.dtype == torch.bool):
+        found = f"dtype {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name}: expected an integer tensor of pattern ids, got {found}")
+    if ids.dim() != 1 or ids.shape[0] != rows:
+        raise ValueError(f"{name}: expected shape ({rows},) to match {other}, got {tuple(ids.shape)}")
+    if ids.numel():
+        low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one device sync, not two
+        if low < 0 or high >= num_patterns:
+            raise ValueError(f"{name}: pattern ids must be in [0, {num_patterns}), found range [{low}, {high}]")
+
+
+def _shared_pattern_sums(patterns: torch.Tensor, per_pattern: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """[share] per_pattern (P x k), [share]_pq = 1 when patterns p and q have a label in common.
+
+    [share] is formed one block_rows x block_rows tile at a time, so memory stays bounded even when
+    nearly every database row has its own pattern. Intersection counts are small integers (at most L),
+    exact in float32; the products with per_pattern (integer sums of codes and counts) are float64.
+    """
+    as_float = patterns.to(device=per_pattern.device, dtype=torch.float32)
+    num_patterns = as_float.shape[0]
+    result = torch.zeros_like(per_pattern)
+    for row in range(0, num_patterns, block_rows):
+        row_block = as_float[row:row + block_rows]
+        for col in range(0, num_patterns, block_rows):
+            shared = (row_block @ as_float[col:col + block_rows].T) > 0
+            result[row:row + row_block.shape[0]] += shared.to(per_pattern.dtype) @ per_pattern[col:col + block_rows]
+    return result
+
+
+def hash_term_stats(codes: torch.Tensor, patterns: torch.Tensor, pattern_of_row: torch.Tensor,
+                    r: Optional[float] = None,
+                    block_rows: int = DEFAULT_PATTERN_BLOCK_ROWS) -> HashTermStats:
+    """G, T_p and Q_p of the factorized hash term for the codes of the whole database; once per code update.
+
+    codes (n x c, +-1): every database row, frozen rows included. patterns (P x L, 0/1 or bool) and
+    pattern_of_row (n,) int64: from label_patterns(db_labels). r: None for the hard +-1 similarity, else
+    the soft offset (S*(1+r)-r: positives stay 1, negatives become -(1+2r)).
+
+    With A_p = sum_j [share(p, j)] b_j, s = sum_j b_j and N_p = the number of rows sharing a label with p:
+        G = B^T B,
+        T_p = (1+r) (2 A_p - s) - r s,          (hard form: r = 0, T_p = 2 A_p - s)
+        Q_p = N_p + (n - N_p) (1+2r)^2          (hard form: Q_p = n).
+    A_p and N_p only depend on patterns: with per-pattern code sums and row counts (index_add_, O(n c)),
+    they are [share] times those, [share] being P x P and formed in block_rows x block_rows tiles.
+    Cost O(n c^2 + P^2 (L + c)); memory O(P c + block_rows^2), never n x n or P x n.
+    Everything is float64 (the three terms are large and cancel) on the device of codes.
+    """
+    check_codes("codes", codes)
+    check_nonempty("codes", codes)
+    num_database, code_length = codes.shape
+    check_labels("patterns", patterns)
+    check_nonempty("patterns", patterns)
+    _check_pattern_ids("pattern_of_row", pattern_of_row, num_database, patterns.shape[0], "codes")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)):
+        raise ValueError(f"r: expected None or a finite number, got {r!r}")
+    if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+        raise ValueError(f"block_rows: expected a positive integer, got {block_rows!r}")
+
+    device = codes.device
+    B = codes.to(torch.float64)
+    pattern_of_row = pattern_of_row.to(device=device, dtype=torch.long)
+    num_patterns = patterns.shape[0]
+    # One pass over the rows: each pattern's code sum and row count, side by side (P x (c+1)).
+    per_pattern = torch.zeros(num_patterns, code_length + 1, dtype=torch.float64, device=device)
+    per_pattern.index_add_(0, pattern_of_row, torch.cat([B, torch.ones_like(B[:, :1])], dim=1))
+    shared = _shared_pattern_sums(patterns, per_pattern, block_rows)
+    shared_code_sums, shared_counts = shared[:, :code_length], shared[:, code_length]
+    code_sum = per_pattern[:, :code_length].sum(dim=0)
+
+    targets = 2 * shared_code_sums - code_sum
+    if r is None:
+        target_norms = torch.full((num_patterns,), float(num_database), dtype=torch.float64, device=device)
+    else:
+        targets = (1 + r) * targets - r * code_sum
+        target_norms = shared_counts + (num_database - shared_counts) * (1 + 2 * r) ** 2
+    return HashTermStats(gram=B.T @ B, targets=targets, target_norms=target_norms,
+                         pattern_of_row=pattern_of_row, code_length=code_length, num_database=num_database)
+
+
+def factorized_hash_loss(outputs: torch.Tensor, batch_patterns: torch.Tensor,
+                         stats: HashTermStats) -> torch.Tensor:
+    """sum_i sum_j (u_i . b_j - c S_ij)^2 = sum_i u_i^T G u_i - 2c u_i . T_p(i) + c^2 Q_p(i), in O(b c^2).
+
+    The same value as pairwise_hash_loss(outputs, B, similarity(batch_labels, db_labels, r), c) for the
+    codes, labels and r the stats were computed from, with gradient 2 G u_i - 2c T_p(i) for row i.
+    outputs (b x c float): the network outputs of the batch. batch_patterns (b,) int64: each item's pattern
+    id (stats.patterns_at(batch database positions)).
+
+    Computed in float64 (the terms cancel) and returned as a scalar of outputs.dtype; the gradient flows
+    back into outputs through the cast. The stats are moved to the device of outputs if they differ.
+    """
+    if not isinstance(stats, HashTermStats):
+        raise ValueError(f"stats: expected a HashTermStats from hash_term_stats, got {_describe(stats)}")
+    code_length = stats.code_length
+    if (not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[1] != code_length
+            or not outputs.is_floating_point()):
+        dtype = f" of dtype {outputs.dtype}" if isinstance(outputs, torch.Tensor) else ""
+        raise ValueError(f"outputs: expected a 2-D float tensor with {code_length} columns (the stats' code "
+                         f"length), got {_describe(outputs)}{dtype}")
+    _check_pattern_ids("batch_patterns", batch_patterns, outputs.shape[0], stats.num_patterns, "outputs")
+
+    device = outputs.device
+    ids = batch_patterns.to(device=device, dtype=torch.long)
+    u = outputs.to(torch.float64)
+    gram = stats.gram.to(device)
+    quadratic = ((u @ gram) * u).sum()
+    linear = (u * stats.targets.to(device)[ids]).sum()
+    constant = stats.target_norms.to(device)[ids].sum()
+    loss = quadratic - 2 * code_length * linear + code_length ** 2 * constant
+    return loss.to(outputs.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
