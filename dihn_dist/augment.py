@@ -39,10 +39,8 @@ def draw_params(generator: torch.Generator, count: int, mode: str,
 
 
 def apply(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Crop, resize back to the input size and flip every image of the batch by its own parameters."""
-    if bool((params[:, :4] == torch.tensor([1.0, 1.0, 0.0, 0.0], device=params.device)).all()) and \
-            bool((params[:, 4] == 1).all()):
-        return images
+    """Crop, resize back to the input size and flip every image of the batch by its own parameters.
+    (With --augment none the trainer does not call it: identity parameters would only cost a resample.)"""
     params = params.to(device=images.device, dtype=images.dtype)
     theta = torch.zeros(images.shape[0], 2, 3, device=images.device, dtype=images.dtype)
     theta[:, 0, 0] = params[:, 0] * params[:, 4]

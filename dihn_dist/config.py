@@ -2,21 +2,22 @@
 
 Flag names and defaults of the reference CLI are kept (--batch-size 64, --lr 1e-4, --code-length 12,
 --max-iter 50, --max-epoch 3, --num-seen 7, --num-samples 2000, --gamma 200, --mu 50, --topk all).
-A --config file (JSON or YAML) supplies defaults; flags given on the command line override it.
+--batch-size is the global batch: under torchrun each process takes its share, so the same command
+follows the same trajectory on 1 or N processes. A --config file (JSON or YAML) supplies defaults; flags
+given on the command line override it. Every value is checked by type and range before anything runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from .augment import AUGMENTATIONS
-from .models import ARCHITECTURES
-
 from .formats import STAGES
+from .models import ARCHITECTURES
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Config:
     old_run: Optional[str] = None
     eval_every: int = 0
     precision_k: int = 1000
+    collective_timeout: float = 1800.0
     resume: bool = False
     debug: bool = False
 
@@ -57,30 +59,117 @@ class Config:
         return asdict(self)
 
 
-# Fields that must not change when a run is resumed: they decide what the run computes.
-RESUME_INVARIANTS = ("data", "batch_size", "lr", "weight_decay", "code_length", "max_iter", "max_epoch",
+# Fields that must not change when a run is resumed: they decide what the run computes. (The data is
+# checked by its manifest and fingerprints, not by its path, so a moved data folder can still resume.)
+RESUME_INVARIANTS = ("batch_size", "lr", "weight_decay", "code_length", "max_iter", "max_epoch",
                      "num_samples", "gamma", "mu", "lr_decay_original", "lr_decay_incremental",
                      "soft_similarity", "seed", "arch", "pretrained", "resolution", "augment", "old_run")
 
+DEBUG_DEFAULTS = {"max_iter": 2, "max_epoch": 1, "num_samples": 200}
 
-def parse_stages(text: str) -> List[str]:
-    stages = []
-    for name in text.split(","):
-        name = name.strip()
-        expanded = ["original", "incremental"] if name == "all" else [name]
-        for stage in expanded:
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing values (shared by the command line and config files)
+
+def parse_stages(value: Any) -> List[str]:
+    """"original,incremental", "all" (= original,incremental) or a list of names -> the stage list."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"expected a comma-separated list or a list of stage names, got {value!r}")
+    stages: List[str] = []
+    for name in (n.strip() for n in names):
+        for stage in (["original", "incremental"] if name == "all" else [name]):
             if stage not in STAGES:
-                raise argparse.ArgumentTypeError(
-                    f"expected a comma-separated list of {', '.join(STAGES)} or all, got {text!r}")
+                raise ValueError(f"unknown stage {stage!r}: expected {', '.join(STAGES)} or all")
             if stage not in stages:
                 stages.append(stage)
-    return stages
+    if not stages:
+        raise ValueError("expected at least one stage")
+    return sorted(stages, key=STAGES.index)
+
+
+def _stages_argument(text: str) -> List[str]:
+    try:
+        return parse_stages(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _topk(text: str) -> Optional[int]:
     value = int(text)
     return None if value <= 0 else value
 
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def coerce(key: str, value: Any, hint) -> Any:
+    """A config-file value checked against the field's type; the error names the key and the type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if key == "stage":
+        try:
+            return parse_stages(value)
+        except ValueError as error:
+            raise ValueError(f"key 'stage': {error}") from None
+    expected = _TYPE_NAMES[hint]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; a string that is a plain number means that number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(value, str):
+        return value
+    raise ValueError(f"key {key!r}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as error:
+        raise ValueError(f"--config {path}: cannot parse ({' '.join(str(error).split())})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    hints = typing.get_type_hints(Config)
+    checked = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in hints:
+            raise ValueError(f"--config {path}: unknown key {key!r}")
+        try:
+            checked[name] = coerce(name, value, hints[name])
+        except ValueError as error:
+            raise ValueError(f"--config {path}: {error}") from None
+    return checked
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -97,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset", help="dataset name; checked against the prepared manifest")
     a("--root", help="source dataset folder (reference CLI); used to say how to prepare --data")
     a("--out", help="run folder: config, metrics, codes, model weights, logs, TensorBoard, checkpoints")
-    a("--batch-size", type=int, help="images per process and step (global batch = this x processes)")
+    a("--batch-size", type=int, help="global batch: images per step over all processes (each process takes "
+                                     "its share), so 1 or N processes follow the same trajectory")
     a("--lr", type=float, help="Adam learning rate")
     a("--weight-decay", type=float, help="Adam weight decay")
     a("--code-length", type=int, help="bits per code")
@@ -105,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-epoch", type=int, help="epochs over each sampled subset")
     a("--num-seen", type=int, help="number of original classes; must equal the prepared data's")
     a("--num-samples", type=int, help="database items sampled per outer iteration")
-    a("--num-workers", type=int, help="FFCV loader threads per process (default: CPUs of this process)")
+    a("--num-workers", type=int, help="FFCV loader threads per process (default: this process's share of the "
+                                      "CPUs it may use: CPUs / processes on the node)")
     a("--topk", type=_topk, help="mAP over the top k of the ranking; <= 0 means the whole database")
     a("--gamma", type=float, help="weight of the quantization term")
     a("--mu", type=float, help="weight of the bit-balance term (stage 2)")
@@ -116,48 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, help="seed of subsets, augmentation, initial codes and weights")
     a("--device", help="auto, cpu or cuda[:index] (under torchrun: cuda = cuda:LOCAL_RANK)")
     a("--arch", choices=ARCHITECTURES, help="network: alexnet (reference), resnet50, small-cnn (CPU, small images)")
-    a("--pretrained", help="local torchvision state dict for alexnet/resnet50, or none (nothing is downloaded)")
-    a("--resolution", type=int, help="training/eval image side (default: 224, or 32 for small-cnn)")
+    a("--pretrained", help="local torchvision state dict for alexnet/resnet50, or none (nothing is downloaded; "
+                           "without it the backbone is untrained)")
+    a("--resolution", type=int, help="training/eval image side (default: 224 for alexnet/resnet50; for small-cnn "
+                                     "the prepared images' most common side)")
     a("--augment", choices=AUGMENTATIONS, help="training augmentation (seeded, applied on the device)")
-    a("--stage", type=parse_stages, help="original, incremental, retrain, all (= original,incremental) "
-                                         "or a comma-separated list; retrain = ADSH from scratch on everything")
+    a("--stage", type=_stages_argument, help="original, incremental, retrain, all (= original,incremental) or a "
+                                             "comma-separated list; retrain = ADSH from scratch on everything")
     a("--old-run", help="run folder whose stage-1 codes and model start stage 2 (instead of training stage 1)")
     a("--eval-every", type=int, help="evaluate every N outer iterations (0: only at the end of a stage)")
     a("--precision-k", type=int, help="k of precision@k in the evaluation")
+    a("--collective-timeout", type=float, help="seconds a rank waits in a collective (e.g. for rank 0's code "
+                                               "update or checkpoint) before the job fails")
     a("--resume", action="store_const", const=True,
-      help="continue the run in --out from its last complete outer iteration (start it if there is none)")
+      help="continue the run in --out from its last complete outer iteration (start it if there is none); "
+           "on a finished run, adds the stages it lacks")
     a("--debug", action="store_const", const=True,
-      help="anomaly detection, verbose logs, and small defaults (2 iterations, 1 epoch, 200 samples)")
+      help="anomaly detection, verbose logs, tracebacks, and small defaults (2 iterations, 1 epoch, 200 samples)")
     p.set_defaults(**{f.name: None for f in fields(Config)})
     return p
-
-
-DEBUG_DEFAULTS = {"max_iter": 2, "max_epoch": 1, "num_samples": 200}
-
-
-def load_config_file(path: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"--config {path}: no such file")
-    text = file.read_text()
-    try:
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-    except Exception as error:
-        raise ValueError(f"--config {path}: cannot parse ({error})") from error
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
-    known = {f.name for f in fields(Config)}
-    normalised = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ValueError(f"--config {path}: unknown key {key!r}")
-        normalised[name] = parse_stages(value) if name == "stage" and isinstance(value, str) else value
-    return normalised
 
 
 def parse_config(argv=None) -> Config:
@@ -170,29 +238,28 @@ def parse_config(argv=None) -> Config:
     config = Config(**values)
     if config.data is None:
         config.data = f"data/{config.dataset or 'fashion-mnist'}"
+    if config.topk is not None and config.topk <= 0:
+        config.topk = None
     validate(config)
     return config
 
 
 def validate(config: Config) -> None:
-    positive = ("batch_size", "code_length", "max_iter", "max_epoch", "num_samples", "precision_k")
-    for name in positive:
+    for name in ("batch_size", "code_length", "max_iter", "max_epoch", "num_samples", "precision_k"):
         if getattr(config, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(config, name)}")
-    for name in ("lr", "gamma", "lr_decay_original", "lr_decay_incremental"):
-        if getattr(config, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive value, got {getattr(config, name)}")
-    if config.mu < 0 or config.weight_decay < 0 or config.eval_every < 0:
-        raise ValueError("--mu, --weight-decay and --eval-every must not be negative")
-    if config.num_workers is not None and config.num_workers < 0:
-        raise ValueError(f"--num-workers: expected 0 or more threads, got {config.num_workers}")
+            raise ValueError(f"{flag(name)}: expected a positive number, got {getattr(config, name)}")
+    for name in ("lr", "gamma", "lr_decay_original", "lr_decay_incremental", "collective_timeout"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{flag(name)}: expected a positive value, got {getattr(config, name)}")
+    for name in ("mu", "weight_decay", "eval_every"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{flag(name)}: expected 0 or more, got {getattr(config, name)}")
+    for name in ("num_workers", "resolution", "num_seen"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ValueError(f"{flag(name)}: expected a positive number, got {getattr(config, name)}")
+    if config.arch not in ARCHITECTURES:
+        raise ValueError(f"--arch: expected one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
+    if config.augment not in AUGMENTATIONS:
+        raise ValueError(f"--augment: expected one of {', '.join(AUGMENTATIONS)}, got {config.augment!r}")
     if config.old_run and "original" in config.stage:
         raise ValueError("--old-run supplies stage 1: use it with --stage incremental (or retrain), not original")
-
-
-def default_num_workers() -> int:
-    # The CPUs this process may use (Slurm and taskset limits), not every CPU of the host.
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)

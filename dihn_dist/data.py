@@ -8,8 +8,8 @@ Distributed training does not use FFCV's `distributed=True`: the trainer draws o
 
 FFCV traps handled here: batches reuse buffers (every tensor handed out is freshly allocated by the
 normalisation / dtype conversion, so callers may keep it); `num_workers` is always explicit (FFCV's -1 means
-every CPU of the host); on CUDA, uint8 images travel to the device and are normalised there, so the caller
-must select its CUDA device (torch.cuda.set_device) before building a loader.
+every CPU of the host); FFCV itself stays on the CPU (see `pipelines`), and uint8 images travel to the device
+with a blocking copy and are normalised there.
 """
 from __future__ import annotations
 
@@ -29,9 +29,6 @@ from .formats import MANIFEST, PREPARED_FORMAT, PREPARED_FORMAT_VERSION, is_incr
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("crop-flip", "flip", "none")
-CROP_SCALE = (0.35, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
 JPEG_EVAL_CROP = 224 / 256   # resize-256-then-centre-crop-224 as a crop of the shorter side
 PREPARE_HINT = "python -m dihn_dist.prepare --dataset NAME [--root SRC] --out {path}"
 
@@ -84,7 +81,7 @@ class PreparedData:
 
 def hide_discarded_loader_noise() -> None:
     """Discarded FFCV Loaders make numba's dispatcher finalizers raise a harmless KeyError when they are
-    garbage-collected (NOTES section 4). Keep those out of the user's terminal; report everything else."""
+    garbage-collected (FFCV 1.0.2 with numba). Keep those out of the user's terminal; report everything else."""
     previous = sys.unraisablehook
     if getattr(previous, "hides_loader_noise", False):
         return
@@ -102,8 +99,9 @@ def hide_discarded_loader_noise() -> None:
     sys.unraisablehook = hook
 
 
-def load_prepared(data_dir) -> PreparedData:
-    """Read and check a folder written by `python -m dihn_dist.prepare`."""
+def load_prepared(data_dir, dataset: Optional[str] = None, num_seen: Optional[int] = None) -> PreparedData:
+    """Read and check a folder written by `python -m dihn_dist.prepare`; `dataset` and `num_seen`, when
+    given (--dataset, --num-seen), must be those it was prepared with."""
     root = Path(data_dir)
     hint = PREPARE_HINT.format(path=root)
     if not root.is_dir():
@@ -122,6 +120,11 @@ def load_prepared(data_dir) -> PreparedData:
     data = PreparedData(root, manifest, database_labels, query_labels,
                         int(manifest["num_original"]), int(manifest["num_seen"]))
     check_original_first(data, manifest_path)
+    if dataset and dataset != data.dataset:
+        raise ValueError(f"--dataset {dataset}: but --data {root} holds {data.dataset}")
+    if num_seen is not None and num_seen != data.num_seen:
+        raise ValueError(f"--num-seen {num_seen}: but --data {root} was prepared with num_seen {data.num_seen}; "
+                         f"re-run python -m dihn_dist.prepare with --num-seen {num_seen}")
     return data
 
 
@@ -175,29 +178,28 @@ def global_batch_bounds(num_items: int, global_size: int, world_size: int) -> Li
     return bounds
 
 
-def batch_schedule(subset_order: np.ndarray, batch_size: int, world_size: int,
+def batch_schedule(subset_order: np.ndarray, global_batch: int, world_size: int,
                    rank: int) -> Tuple[np.ndarray, List[int]]:
     """This rank's share of one epoch: (database positions in load order, size of each of its steps).
 
-    A global step holds `batch_size * world_size` consecutive items of `subset_order`, split across ranks
-    with np.array_split (shares differ by at most one item). A final partial global batch smaller than
-    max(world_size, ceil(global batch / 2)) is merged into the previous global batch, so no rank ever has an
+    A global step holds `global_batch` consecutive items of `subset_order`, split across ranks with
+    np.array_split (shares differ by at most one item). A final partial global batch smaller than
+    max(world_size, ceil(global_batch / 2)) is merged into the previous global batch, so no rank ever has an
     empty step and no item is dropped; a larger one is a step of its own. Every rank has the same number of
-    steps, shares are disjoint and together cover `subset_order` exactly. Because the merge rule depends only
-    on the global batch size when batch_size >= 2, (world_size=1, batch_size=2b) and (world_size=2,
-    batch_size=b) see the same items in the same order at every global step.
+    steps, shares are disjoint and together cover `subset_order` exactly, and the global steps are the same
+    for every world size: 1 process and N processes see the same items in the same order at every step.
     """
     order = np.asarray(subset_order)
     if order.ndim != 1:
         raise ValueError(f"subset_order: expected a 1-D array of database positions, got shape {order.shape}")
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"batch_schedule: need batch_size >= 1, world_size >= 1 and 0 <= rank < world_size, "
-                         f"got batch_size={batch_size}, world_size={world_size}, rank={rank}")
+    if global_batch < world_size or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"batch_schedule: need global_batch >= world_size >= 1 and 0 <= rank < world_size, "
+                         f"got global_batch={global_batch}, world_size={world_size}, rank={rank}")
     if len(order) < world_size:
         raise ValueError(f"the subset has {len(order)} items, fewer than the {world_size} ranks: every rank needs "
                          f"at least one item per step (sample more items)")
     shares = [np.array_split(order[start:end], world_size)[rank]
-              for start, end in global_batch_bounds(len(order), batch_size * world_size, world_size)]
+              for start, end in global_batch_bounds(len(order), global_batch, world_size)]
     return np.concatenate(shares), [len(share) for share in shares]
 
 
@@ -205,33 +207,21 @@ def batch_schedule(subset_order: np.ndarray, batch_size: int, world_size: int,
 # FFCV pipelines
 
 
-def on_device(device: torch.device) -> list:
-    from ffcv.transforms import ToDevice, ToTensor
-    if device.type == "cuda":
-        return [ToTensor(), ToDevice(device, non_blocking=True)]
-    return [ToTensor()]
+def pipelines(resolution: int, crop_ratio: float) -> Dict[str, list]:
+    """uint8 images (b, 3, R, R) (a channels-last view), uint8 labels (b, L), int64 positions (b, 1), on the CPU.
 
-
-def image_decoder(augment: str, resolution: int, crop_ratio: float):
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-    size = (resolution, resolution)
-    if augment == "crop-flip":
-        return RandomResizedCropRGBImageDecoder(size, scale=CROP_SCALE, ratio=CROP_RATIO)
-    return CenterCropRGBImageDecoder(size, ratio=crop_ratio)
-
-
-def pipelines(augment: str, resolution: int, crop_ratio: float, device: torch.device) -> Dict[str, list]:
-    """uint8 images (b, 3, R, R), uint8 labels (b, L) and int64 positions (b, 1), on `device`.
-
-    The horizontal flip is not FFCV's RandomHorizontalFlip: numba takes about 9 s on 2 cores to compile that
-    parallel kernel, while flipping in torch (see Normaliser) is cheap and seedable."""
+    The pipelines never touch CUDA: FFCV's loader thread would create a context on GPU 0 in every process
+    and reuse its pinned buffers before a non-blocking copy had finished. `convert_batch` moves each batch
+    to the device with an ordinary (blocking) copy instead. No random decoding either: FFCV's random
+    decoders draw from unseeded generators, so augmentation runs on the device (`dihn_dist.augment`)."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
-    from ffcv.transforms import ToTorchImage
-    image = [image_decoder(augment, resolution, crop_ratio)] + on_device(device) + [ToTorchImage()]
-    return {"image": image,
-            "labels": [NDArrayDecoder()] + on_device(device),
-            "index": [IntDecoder()] + on_device(device)}
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.transforms import ToTensor, ToTorchImage
+    return {"image": [CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_ratio), ToTensor(),
+                      ToTorchImage()],
+            "labels": [NDArrayDecoder(), ToTensor()],
+            "index": [IntDecoder(), ToTensor()]}
 
 
 def build_loader(beton: Path, *, batch_size: int, num_workers: int, indices: np.ndarray, pipeline_spec,
@@ -245,67 +235,60 @@ def build_loader(beton: Path, *, batch_size: int, num_workers: int, indices: np.
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def normalise_into(images, flips, mean, inverse_std, out):   # pragma: no cover (compiled)
-    """uint8 (b, H, W, 3) -> float32 (b, 3, H, W) in one pass: (pixel - mean) * inverse_std, image i mirrored
-    horizontally where flips[i] != 0. Cached on disk by numba, so only the first run on a machine compiles."""
+def normalise_into(images, mean, inverse_std, out):   # pragma: no cover (compiled)
+    """uint8 (b, H, W, 3) -> float32 (b, 3, H, W) in one pass: (pixel - mean) * inverse_std. Cached on disk by
+    numba, so only the first run on a machine compiles."""
     b, h, w, _ = images.shape
     for i in numba.prange(b):
         for y in range(h):
             for x in range(w):
-                source_x = w - 1 - x if flips[i] else x
                 for k in range(3):
-                    out[i, k, y, x] = (np.float32(images[i, y, source_x, k]) - mean[k]) * inverse_std[k]
+                    out[i, k, y, x] = (np.float32(images[i, y, x, k]) - mean[k]) * inverse_std[k]
 
 
 class Normaliser:
-    """uint8 (b, 3, R, R) -> float32 ImageNet-normalised, a fresh contiguous tensor on the same device;
-    with `flip_seed`, each image is also flipped horizontally with probability 1/2 (seeded, reproducible).
+    """uint8 (b, 3, R, R) on the CPU -> float32 ImageNet-normalised on `device`, a fresh contiguous tensor.
 
     On CPU one numba pass (`normalise_into`, `num_threads` threads) replaces the 3-4 passes of torch ops,
-    which cost more than FFCV's whole decode + crop at 224 px; on CUDA the same is done with torch ops."""
+    which cost more than FFCV's whole decode at 224 px; on CUDA the uint8 batch is copied over (4x fewer
+    bytes than float32) and normalised there."""
 
-    def __init__(self, device: torch.device, flip_seed: Optional[int] = None, num_threads: int = 1):
-        self.device = device
+    def __init__(self, device: torch.device, num_threads: int = 1):
+        self.device = torch.device(device)
         self.num_threads = num_threads
-        self.flips = None if flip_seed is None else torch.Generator().manual_seed(flip_seed)
         mean = torch.tensor(IMAGENET_MEAN).mul(255)
         inverse_std = torch.tensor(IMAGENET_STD).mul(255).reciprocal()
         self.mean_np, self.inverse_std_np = mean.numpy(), inverse_std.numpy()
-        self.mean = mean.view(1, 3, 1, 1).to(device)
-        self.inverse_std = inverse_std.view(1, 3, 1, 1).to(device)
-
-    def draw_flips(self, count: int) -> Tensor:
-        if self.flips is None:
-            return torch.zeros(count, dtype=torch.bool)
-        return torch.rand(count, generator=self.flips) < 0.5
+        self.mean = mean.view(1, 3, 1, 1).to(self.device)
+        self.inverse_std = inverse_std.view(1, 3, 1, 1).to(self.device)
 
     def __call__(self, images: Tensor) -> Tensor:
-        flips = self.draw_flips(len(images))
-        if images.device.type == "cpu":
-            return self.normalise_on_cpu(images, flips)
-        out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
-        out.copy_(images)
-        if flips.any():
-            flipped = torch.nonzero(flips).view(-1).to(images.device)
-            out[flipped] = out[flipped].flip(3)
+        if self.device.type == "cpu":
+            return self.normalise_on_cpu(images)
+        # A blocking copy: FFCV refills this host buffer as soon as the next batch is asked for.
+        on_device = images.to(self.device, non_blocking=False)
+        out = torch.empty(images.shape, dtype=torch.float32, device=self.device)
+        out.copy_(on_device)
         return out.sub_(self.mean).mul_(self.inverse_std)
 
-    def normalise_on_cpu(self, images: Tensor, flips: Tensor) -> Tensor:
+    def normalise_on_cpu(self, images: Tensor) -> Tensor:
         pixels = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())   # FFCV's layout: (b, H, W, 3)
         out = torch.empty(images.shape, dtype=torch.float32)
         previous = numba.get_num_threads()
         numba.set_num_threads(min(self.num_threads, numba.config.NUMBA_NUM_THREADS))
         try:
-            normalise_into(pixels, flips.numpy().astype(np.uint8), self.mean_np, self.inverse_std_np, out.numpy())
+            normalise_into(pixels, self.mean_np, self.inverse_std_np, out.numpy())
         finally:
             numba.set_num_threads(previous)
         return out
 
 
 def convert_batch(batch, normalise: Normaliser) -> Tuple[Tensor, Tensor, Tensor]:
-    """FFCV's (reused) buffers -> fresh tensors the caller may keep."""
+    """FFCV's (reused) host buffers -> fresh tensors on the device that the caller may keep."""
     images, labels, index = batch
-    return normalise(images), labels.to(torch.float32), index.reshape(-1).to(torch.int64, copy=True)
+    device = normalise.device
+    return (normalise(images), labels.to(device, torch.float32, copy=True),
+            index.reshape(-1).to(device, torch.int64, copy=True))
 
 
 def eval_crop_ratio(data: PreparedData) -> float:
@@ -333,9 +316,7 @@ class TrainLoader:
     """
 
     def __init__(self, data: PreparedData, *, batch_size: int, resolution: int, device: torch.device,
-                 num_workers: int, augment: str = "crop-flip", seed: int = 0, length: int):
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment: expected one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
+                 num_workers: int, length: int):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if not 1 <= length <= data.num_database:
@@ -345,12 +326,10 @@ class TrainLoader:
         self.data = data
         self.length = length
         self.device = torch.device(device)
-        self.normalise = Normaliser(self.device, flip_seed=seed if augment in ("crop-flip", "flip") else None,
-                                    num_threads=num_workers)
+        self.normalise = Normaliser(self.device, num_threads=num_workers)
         initial = np.arange(length, dtype=np.uint64)
         self.loader = build_loader(data.beton("database"), batch_size=batch_size, num_workers=num_workers,
-                                   indices=initial, seed=seed,
-                                   pipeline_spec=pipelines(augment, resolution, 1.0, self.device))
+                                   indices=initial, seed=0, pipeline_spec=pipelines(resolution, 1.0))
         self.step_sizes: Optional[List[int]] = None
 
     def set_order(self, positions: np.ndarray, step_sizes: Sequence[int]) -> None:
@@ -431,5 +410,5 @@ def eval_batches(data: PreparedData, part: str, *, batch_size: int, resolution: 
     normalise = Normaliser(device, num_threads=num_workers)
     loader = build_loader(beton, batch_size=batch_size, num_workers=num_workers, seed=0,
                           indices=indices.astype(np.uint64),
-                          pipeline_spec=pipelines("none", resolution, eval_crop_ratio(data), device))
+                          pipeline_spec=pipelines(resolution, eval_crop_ratio(data)))
     return (convert_batch(batch, normalise) for batch in loader)

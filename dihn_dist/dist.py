@@ -1,18 +1,22 @@
-"""Distributed plumbing: the one module that knows about process groups and collectives.
+"""Distributed plumbing: the one module that knows about process groups, collectives and the process's share
+of the machine.
 
 Started by torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment, env:// rendezvous) the job runs one
 process per device: NCCL on CUDA, gloo on CPU. Started by plain `python -m dihn_dist.train` it is one
 process and every collective below is the identity, so the training loop never branches on rank.
+Also here: DDP wrapping, the CPU share of each process, and a SIGTERM stop that every rank agrees on.
 """
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 import torch.distributed as torch_dist
+from loguru import logger
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
     device: torch.device = torch.device("cpu")
 
     @property
@@ -38,16 +43,26 @@ def context() -> Context:
     return _context
 
 
-def select_device(requested: str, local_rank: int) -> torch.device:
-    """auto: this process's GPU when CUDA is present, else CPU; cuda without an index: cuda:LOCAL_RANK."""
+def select_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
+    """auto: this process's GPU when CUDA is present, else CPU; cuda without an index: cuda:LOCAL_RANK.
+
+    Under torchrun with several processes on a node, an explicit cuda:N must be this process's own GPU
+    (N = LOCAL_RANK): otherwise every rank would train on the same GPU."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"--device: expected auto, cpu or cuda[:index], got {requested!r}") from None
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        elif local_world_size > 1 and device.index != local_rank:
+            raise ValueError(f"--device {requested}: under torchrun each process uses its own GPU, cuda:LOCAL_RANK "
+                             f"(this is local rank {local_rank} of {local_world_size}); pass --device cuda, and "
+                             f"choose the GPUs with CUDA_VISIBLE_DEVICES")
         if device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return device
@@ -56,15 +71,44 @@ def select_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cgroups, Slurm binding), and no more than
+    Slurm's --cpus-per-task when Slurm gave one (without task binding the mask is the whole node)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        cpus = min(cpus, int(slurm))
+    return max(1, cpus)
+
+
+def cpu_share(local_world_size: int) -> int:
+    """This process's share of the CPUs: the node's processes split them evenly, at least one each."""
+    return max(1, available_cpus() // max(1, local_world_size))
+
+
+def _set_intra_op_threads(local_world_size: int) -> None:
+    # torchrun exports OMP_NUM_THREADS=1 to its workers when the user left it unset, so under torchrun
+    # that value is torchrun's default, not a choice: each process takes its CPU share instead.
+    chosen = os.environ.get("OMP_NUM_THREADS")
+    torchrun_default = chosen == "1" and local_world_size > 1 and "TORCHELASTIC_RUN_ID" in os.environ
+    if chosen is None or torchrun_default:
+        torch.set_num_threads(cpu_share(local_world_size))
+
+
 def init(requested_device: str = "auto", timeout_s: float = 600) -> Context:
     """Set up the process group from torchrun's environment, or a single process without it."""
     global _context
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = select_device(requested_device, local_rank)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    device = select_device(requested_device, local_rank, local_world_size)
+    _set_intra_op_threads(local_world_size)
     if device.type == "cuda":
-        # Before anything allocates or any loader is built, or every rank would land on GPU 0.
+        # Before anything allocates, or every rank would create its context on GPU 0.
         torch.cuda.set_device(device)
     if world_size > 1 and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -76,7 +120,8 @@ def init(requested_device: str = "auto", timeout_s: float = 600) -> Context:
         store = torch_dist.PrefixStore(f"dihn_dist/attempt{attempt}", store)
         torch_dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
                                       timeout=timeout, device_id=device if device.type == "cuda" else None)
-    _context = Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    _context = Context(rank=rank, world_size=world_size, local_rank=local_rank,
+                       local_world_size=local_world_size, device=device)
     return _context
 
 
@@ -88,6 +133,30 @@ def shutdown() -> None:
 def barrier() -> None:
     if _context.distributed:
         torch_dist.barrier()
+
+
+def synchronize() -> None:
+    """Wait for the device's queued work, so that a timestamp taken next measures it (CUDA runs async)."""
+    if _context.device.type == "cuda":
+        torch.cuda.synchronize(_context.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model under DDP
+
+def wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP around the model when there are several processes (batch norm synchronised across them, so the
+    statistics are those of the global batch); the model itself otherwise."""
+    if not _context.distributed:
+        return model
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [_context.device.index] if _context.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,12 +251,76 @@ def broadcast_codes(codes: torch.Tensor, code_length: int) -> Tuple[torch.Tensor
     return unpack_codes(packed, code_length).to(codes.device), packed.numel()
 
 
-def broadcast_object(obj):
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's object on every rank (pickled)."""
     if not _context.distributed:
         return obj
     holder: List = [obj]
     torch_dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """Every rank's object, in rank order, on every rank (pickled)."""
+    if not _context.distributed:
+        return [obj]
+    gathered: List[Any] = [None] * _context.world_size
+    torch_dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def gather_rng_states() -> List[dict]:
+    """Every rank's CPU (and CUDA) generator state, in rank order, for rank 0 to checkpoint: ranks draw
+    different dropout masks, so one state for all would not resume them."""
+    cuda = torch.cuda.get_rng_state() if _context.device.type == "cuda" else None
+    return gather_objects({"cpu": torch.get_rng_state(), "cuda": cuda})
+
+
+def restore_rng_states(states: List[dict]) -> bool:
+    """This rank's generator state from gather_rng_states' list; False when it came from another world size."""
+    if len(states) != _context.world_size:
+        return False
+    torch.set_rng_state(states[_context.rank]["cpu"])
+    if states[_context.rank]["cuda"] is not None and _context.device.type == "cuda":
+        torch.cuda.set_rng_state(states[_context.rank]["cuda"])
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stopping on SIGTERM (torchrun stopping its workers, a Slurm preemption)
+
+class StopRequested(Exception):
+    """SIGTERM arrived and every rank stopped after the same checkpoint."""
+
+
+class _StopOnSigterm:
+    """SIGTERM only sets a flag; `check_stop` after each checkpoint turns it into StopRequested on every rank
+    at once (a rank that stopped alone would leave the others waiting in a collective)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        logger.warning("SIGTERM received: stopping after the current outer iteration's checkpoint")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+stop_on_sigterm = _StopOnSigterm()
+
+
+def check_stop(where: str) -> None:
+    """Raise StopRequested on every rank when SIGTERM reached any rank."""
+    if any_rank(stop_on_sigterm.requested):
+        raise StopRequested(f"stopped by SIGTERM after {where}; continue with --resume")
 
 
 def _device_for_collectives() -> torch.device:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 USAGE = 2
 RUNTIME = 1
@@ -39,8 +39,10 @@ def debug_requested(argv) -> bool:
     return "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("DIHN_DEBUG") == "1"
 
 
-def run_command(body: Callable[[], int], *, debug: bool, prefix: Optional[str] = None) -> int:
-    """Run a command's body; turn an exception into one line on stderr and the exit code above."""
+def run_command(body: Callable[[], int], *, debug: bool,
+                prefix: Optional[Union[str, Callable[[], str]]] = None) -> int:
+    """Run a command's body; turn an exception into one line on stderr and the exit code above.
+    `prefix` (text, or a function asked when the error happens) starts that line; default "error"."""
     try:
         return body()
     except KeyboardInterrupt:
@@ -51,5 +53,6 @@ def run_command(body: Callable[[], int], *, debug: bool, prefix: Optional[str] =
     except BaseException as error:  # noqa: B902 - every failure ends the command the same way
         if debug:
             traceback.print_exc()
-        print(f"{prefix or 'error'}: {one_line(error)}", file=sys.stderr, flush=True)
+        label = prefix() if callable(prefix) else prefix
+        print(f"{label or 'error'}: {one_line(error)}", file=sys.stderr, flush=True)
         return exit_code(error)

@@ -9,7 +9,7 @@ Recomputes every retrieval metric of a run from its exported codes and labels (n
     precision_at_k.png         precision of the top k for k from 1 to the whole database
     per_iteration.png          mAP@ALL and the training loss per outer iteration, per stage
     bit_balance.png            fraction of +1 per bit of each stage's database codes
-The row of a stage is computed by the trainer's own `retrieval_row`, so with the run's --topk and
+The row of a stage is computed by `metrics.retrieval_row`, as the trainer does, so with the run's --topk and
 --precision-k the numbers equal those in metrics.json.
 """
 from __future__ import annotations
@@ -29,7 +29,6 @@ from . import metrics
 from .config import Config
 from .exported import ExportedRun, StageExport, load_run, load_stages
 from .formats import STAGE_SHORT_TITLES, STAGE_TITLES
-from .train import retrieval_row
 
 # Figures are saved at a fixed size (no tight bounding box), so every PNG has a predictable pixel size.
 DPI = 100
@@ -87,8 +86,7 @@ def evaluate_stage(run: ExportedRun, stage: StageExport, topk: Optional[int], pr
     db_codes = torch.from_numpy(stage.database_codes)
     query_labels = torch.from_numpy(run.query_labels)
     db_labels = torch.from_numpy(run.database_labels[:stage.num_database])
-    row = retrieval_row(query_codes, db_codes, query_labels, db_labels, run.num_seen,
-                        Config(topk=topk, precision_k=precision_k))
+    row = metrics.retrieval_row(query_codes, db_codes, query_labels, db_labels, run.num_seen, topk, precision_k)
     precision, recall = metrics.precision_recall_by_radius(query_codes, db_codes, query_labels, db_labels)
     ks = precision_curve_ks(stage.num_database)
     precision_at = metrics.precision_at_ks(query_codes, db_codes, query_labels, db_labels, ks)

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .formats import PREPARED_FORMAT, RUN_FORMAT, STAGES
+from .formats import PREPARED_FORMAT, RUN_FORMAT, STAGES, train_command
 
 # The prepared-data format versions this reader understands.
 PREPARED_FORMAT_VERSIONS = (1,)
@@ -49,12 +49,6 @@ class IncompleteRunError(FileNotFoundError):
 
 class RunFormatError(ValueError):
     """A file exists but is not what this version of dihn_dist writes (another version, or damaged)."""
-
-
-def resume_command(root: Path, stage: Optional[str] = None) -> str:
-    """The command that continues this run with exactly its saved settings (config.json as --config)."""
-    stage_flag = f" --stage {stage}" if stage else ""
-    return f"python -m dihn_dist.train --config {root / 'config.json'}{stage_flag} --resume"
 
 
 @dataclass
@@ -122,11 +116,11 @@ class ExportedRun:
 
 def read_json(path: Path, root: Path) -> dict:
     if not path.is_file():
-        raise IncompleteRunError(f"{path} is missing; `{resume_command(root)}` writes it")
+        raise IncompleteRunError(f"{path} is missing; `{train_command(root)}` writes it")
     try:
         value = json.loads(path.read_text())
     except ValueError as error:
-        raise RunFormatError(f"{path}: not valid JSON ({error}); it is damaged, `{resume_command(root)}` "
+        raise RunFormatError(f"{path}: not valid JSON ({error}); it is damaged, `{train_command(root)}` "
                              f"rewrites it") from error
     if not isinstance(value, dict):
         raise RunFormatError(f"{path}: expected a JSON object")
@@ -177,7 +171,7 @@ def load_run(run_dir) -> ExportedRun:
         raise RunFormatError(f"{root / 'config.json'}: no code_length/arch (a run of another dihn_dist version?)")
     manifest = read_json(root / "manifest.json", root)
     check_manifest(manifest, root / "manifest.json")
-    hint = f"`{resume_command(root)}` writes it"
+    hint = f"`{train_command(root)}` writes it"
     num_classes = int(manifest["num_classes"])
     database_labels = read_array(root / "database_labels.npy", hint, np.uint8,
                                  (int(manifest["num_database"]), num_classes))
@@ -197,9 +191,9 @@ def stage_rewrite_hint(run: ExportedRun, stage: str) -> str:
     result = run.root / stage / "result.json"
     checkpoint = run.root / "checkpoints" / f"{stage}.pt"
     if checkpoint.is_file():
-        return (f"delete {result} and run `{resume_command(run.root, stage)}` (it re-exports the stage from "
+        return (f"delete {result} and run `{train_command(run.root, stage)}` (it re-exports the stage from "
                 f"{checkpoint} without training again)")
-    return f"delete {result} and run `{resume_command(run.root, stage)}` (this trains the stage again)"
+    return f"delete {result} and run `{train_command(run.root, stage)}` (this trains the stage again)"
 
 
 def load_stage(run: ExportedRun, name: str) -> StageExport:
@@ -210,7 +204,7 @@ def load_stage(run: ExportedRun, name: str) -> StageExport:
     if not (folder / "result.json").is_file():
         finished = ", ".join(run.finished_stages()) or "none"
         raise IncompleteRunError(f"{folder / 'result.json'} is missing: stage {name!r} has not finished in "
-                                 f"{run.root} (finished: {finished}); `{resume_command(run.root, name)}` "
+                                 f"{run.root} (finished: {finished}); `{train_command(run.root, name)}` "
                                  f"trains and exports it")
     result = read_json(folder / "result.json", run.root)
     hint = stage_rewrite_hint(run, name)
@@ -229,5 +223,5 @@ def load_stages(run: ExportedRun, names: Optional[List[str]] = None) -> Dict[str
     names = run.finished_stages() if names is None else names
     if not names:
         raise IncompleteRunError(f"{run.root} has no finished stage (no <stage>/result.json); "
-                                 f"`{resume_command(run.root)}` trains and exports them")
+                                 f"`{train_command(run.root)}` trains and exports them")
     return {name: load_stage(run, name) for name in names}

@@ -32,3 +32,10 @@ def is_incremental(labels, num_seen: int):
     The rule that splits the database (original items first), the query set and the reports.
     """
     return labels[:, num_seen:].sum(1) > 0
+
+
+def train_command(run_dir, stage=None) -> str:
+    """The command that continues the run in `run_dir`, in that very folder (also a copied or moved one),
+    with exactly its saved settings; with `stage`, the command that adds or finishes that stage."""
+    stage_flag = f" --stage {stage}" if stage else ""
+    return f"python -m dihn_dist.train --config {run_dir}/config.json --out {run_dir}{stage_flag} --resume"

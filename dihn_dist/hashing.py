@@ -1,7 +1,7 @@
 """The mathematical core of ADSH and DIHN: similarity, losses and the discrete code update (DCC).
 
 Pure tensor functions: no I/O, no torch.distributed, the same code on CPU and CUDA (everything runs on
-the device of its inputs). Notation follows NOTES section 1: m sampled items, n database items, c bits,
+the device of its inputs). Notation follows docs/method.md: m sampled items, n database items, c bits,
 L label columns; codes are +-1; labels are 0/1 multi-hot rows (one-hot for single-label datasets).
 
 The m x n similarity between the sample and the database is never materialised whole: single-label
@@ -159,7 +159,7 @@ def similarity_transpose_times(sample_labels: torch.Tensor, db_labels: torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------
-# Losses (per batch; the trainer divides by batch size * n, NOTES section 1)
+# Losses (per batch; the trainer divides by batch size * n, docs/method.md)
 
 def pairwise_hash_loss(outputs: torch.Tensor, database_codes: torch.Tensor, batch_similarity: torch.Tensor,
                        code_length: int) -> torch.Tensor:
@@ -178,27 +178,35 @@ def bit_balance_loss(bit_sums: torch.Tensor) -> torch.Tensor:
     return (bit_sums ** 2).sum()
 
 
-def loss_terms(outputs: torch.Tensor, database_codes: torch.Tensor, batch_similarity: torch.Tensor,
-               own_codes: torch.Tensor) -> dict:
-    """The ADSH terms of one batch, unweighted and unnormalised: {'hash', 'quantization'}."""
-    return {
-        "hash": pairwise_hash_loss(outputs, database_codes, batch_similarity, database_codes.shape[1]),
-        "quantization": quantization_loss(outputs, own_codes),
-    }
+def batch_loss(outputs: torch.Tensor, hash_term: torch.Tensor, own_codes: torch.Tensor,
+               bit_sums: Optional[torch.Tensor], *, gamma: float, mu: float, num_database: int,
+               global_batch: int, world_size: int = 1):
+    """The loss one of `world_size` processes backpropagates for one step, and its unweighted terms.
 
+        loss = (world_size * (hash + gamma * quantization) + mu * balance) / (global_batch * n)
 
-def adsh_loss(outputs, database_codes, batch_similarity, own_codes, gamma: float, num_database: int):
-    """ADSH loss of one batch divided by (batch size * n)."""
-    terms = loss_terms(outputs, database_codes, batch_similarity, own_codes)
-    return (terms["hash"] + gamma * terms["quantization"]) / (outputs.shape[0] * num_database)
+    hash: sum_i sum_j (F_i . B_j - c S_ij)^2 over this process's items (pairwise_hash_loss, or
+    factorized_hash_loss at a cost independent of n); quantization: quantization_loss against each item's
+    own database code; balance: bit_balance_loss of `bit_sums`, the per-bit sums of the outputs over the
+    whole global batch (None when mu is 0: stage 1 and retrain leave the term out).
 
-
-def dihn_loss(outputs, database_codes, batch_similarity, own_codes, gamma: float, mu: float,
-              num_database: int):
-    """DIHN loss of one batch (ADSH + mu * per-bit balance) divided by (batch size * n)."""
-    terms = loss_terms(outputs, database_codes, batch_similarity, own_codes)
-    balance = bit_balance_loss(outputs.sum(dim=0))
-    return (terms["hash"] + gamma * terms["quantization"] + mu * balance) / (outputs.shape[0] * num_database)
+    Why the scaling: DDP averages the gradients over the processes, so the factor world_size makes the
+    average of the per-process hash and quantization gradients the gradient of the global-batch loss.
+    The balance term is already global: under DDP `bit_sums` comes from an all-reduce whose backward sums
+    every process's gradient (world_size copies), which DDP's average divides out again. One process with
+    the global batch (world_size 1, bit_sums = outputs.sum(0)) is the DIHN loss divided by (batch size * n).
+    Returns (loss, {"hash", "quantization", "balance"}) with the terms unweighted, for reporting.
+    """
+    quantization = quantization_loss(outputs, own_codes)
+    normaliser = global_batch * num_database
+    loss = world_size * (hash_term + gamma * quantization) / normaliser
+    balance = torch.zeros((), dtype=outputs.dtype, device=outputs.device)
+    if mu > 0:
+        if bit_sums is None:
+            raise ValueError("bit_sums: the per-bit sums over the global batch are needed when mu > 0")
+        balance = bit_balance_loss(bit_sums)
+        loss = loss + mu * balance / normaliser
+    return loss, {"hash": hash_term, "quantization": quantization, "balance": balance}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,7 +270,8 @@ def _check_pattern_ids(name: str, ids: torch.Tensor, rows: int, num_patterns: in
         raise ValueError(f"{name}: expected an integer tensor of pattern ids, got {found}")
     if ids.dim() != 1 or ids.shape[0] != rows:
         raise ValueError(f"{name}: expected shape ({rows},) to match {other}, got {tuple(ids.shape)}")
-    if ids.numel():
+    # The value check would cost a device sync on CUDA, where an id out of range fails the indexing anyway.
+    if ids.numel() and not ids.is_cuda:
         low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one device sync, not two
         if low < 0 or high >= num_patterns:
             raise ValueError(f"{name}: pattern ids must be in [0, {num_patterns}), found range [{low}, {high}]")

@@ -1,7 +1,7 @@
 """Retrieval metrics over binary codes: Hamming ranking, mAP@k, precision@k, precision/recall by radius.
 
 Pure tensor functions (no I/O, no torch.distributed), run on the device of the query codes. Protocol
-(NOTES section 1): rank the database by Hamming distance 0.5 * (c - q.b), ties broken by database
+(docs/method.md, "Retrieval and the metric"): rank the database by Hamming distance 0.5 * (c - q.b), ties broken by database
 index; relevant = shares at least one label; AP@k = mean precision@i over the relevant hits i within
 the top k; a query with no hit in its top k scores 0 and still counts. topk None or <= 0 = the whole
 database. Work is chunked over queries so memory stays bounded at 2,100 x 195,834.
@@ -24,6 +24,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .formats import is_incremental
 from .hashing import check_codes, check_labels, check_nonempty, check_rows
 
 # Query rows per chunk are chosen so one chunk's query x database matrices stay near this many entries.
@@ -305,3 +306,26 @@ def precision_recall_by_radius(query_codes: torch.Tensor, db_codes: torch.Tensor
         precision += torch.where(retrieved > 0, hits / retrieved.clamp(min=1), 0.0).sum(dim=0)
         recall += torch.where(num_relevant > 0, hits / num_relevant.clamp(min=1), 0.0).sum(dim=0)
     return precision / query_codes.shape[0], recall / query_codes.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The retrieval row of a report
+
+def retrieval_row(query_codes: torch.Tensor, db_codes: torch.Tensor, query_labels: torch.Tensor,
+                  db_labels: torch.Tensor, num_seen: int, topk: Optional[int], precision_k: int) -> dict:
+    """mAP@ALL, mAP@topk, precision@precision_k, and mAP@topk over the queries of original classes and over
+    those of incremental classes (a query is incremental when it carries any class >= num_seen)."""
+    aps_all = average_precisions(query_codes, db_codes, query_labels, db_labels, topk=None)
+    aps_topk = aps_all if topk is None else average_precisions(query_codes, db_codes, query_labels, db_labels,
+                                                               topk=topk)
+    new_queries = is_incremental(query_labels, num_seen).to(aps_topk.device)
+    return {
+        "map_all": float(aps_all.mean()),
+        "map_topk": float(aps_topk.mean()),
+        "topk": topk or db_codes.shape[0],
+        f"precision_at_{precision_k}": precision_at_k(query_codes, db_codes, query_labels, db_labels, precision_k),
+        "map_original_queries": float(aps_topk[~new_queries].mean()) if bool((~new_queries).any()) else None,
+        "map_incremental_queries": float(aps_topk[new_queries].mean()) if bool(new_queries.any()) else None,
+        "num_queries": int(query_codes.shape[0]),
+        "num_database": int(db_codes.shape[0]),
+    }

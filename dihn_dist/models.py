@@ -23,6 +23,31 @@ WEIGHTS_HINT = {
 DEFAULT_RESOLUTION = {"alexnet": 224, "resnet50": 224}
 
 
+def binarize(outputs: torch.Tensor) -> torch.Tensor:
+    """sign() as int8 +-1 codes; an output of exactly 0 becomes +1 (never a 0 bit)."""
+    return torch.where(outputs >= 0, 1, -1).to(torch.int8)
+
+
+def encode_batches(network: nn.Module, batches) -> Optional[torch.Tensor]:
+    """int8 +-1 codes of every image of (images, ...) batches, in order, in eval mode; None if no batch."""
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        codes = [binarize(network(batch[0])) for batch in batches]
+    network.train(was_training)
+    return torch.cat(codes) if codes else None
+
+
+def untrained_backbone_warning(arch: str, pretrained: Optional[str]) -> Optional[str]:
+    """The warning for an ImageNet architecture trained from scratch (None when nothing is wrong)."""
+    if arch not in WEIGHTS_HINT or pretrained not in (None, "", "none"):
+        return None
+    return (f"--arch {arch} without --pretrained: the backbone starts UNTRAINED (random weights). The published "
+            f"DIHN/ADSH numbers assume ImageNet weights. Make the file once, on a machine with internet access: "
+            f"python -c \"import torchvision; {WEIGHTS_HINT[arch]}\" (it lands in ~/.cache/torch/hub/checkpoints/), "
+            f"then pass --pretrained PATH.")
+
+
 def input_resolution(arch: str, configured: Optional[int], stored_size: int) -> int:
     """--resolution when given; else the stored image size for the small CNN (no upsampling of 28 px
     images), else the ImageNet architecture's 224."""

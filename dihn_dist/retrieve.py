@@ -24,8 +24,7 @@ from . import metrics
 from .data import (IMAGENET_MEAN, IMAGENET_STD, Normaliser, PreparedData, eval_batches, eval_crop_ratio,
                    hide_discarded_loader_noise, load_prepared)
 from .exported import ExportedRun, StageExport, load_run, load_stage
-from .models import build_model, input_resolution
-from .train import binarize
+from .models import build_model, encode_batches, input_resolution
 
 # Contact sheet layout, in pixels.
 TILE = 112            # images are scaled to TILE x TILE (small ones with nearest neighbour: no blur)
@@ -160,11 +159,6 @@ def parse_label_names(text: Optional[str], class_names: Sequence[str]) -> Option
 # ----------------------------------------------------------------------------------------------------
 # Ranking
 
-def encode(network: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        return binarize(network(images))[0].numpy()
-
-
 def rank_database(query_code: np.ndarray, database_codes: np.ndarray, topk: int) -> tuple:
     """(rows of the top k, their distances): Hamming distance, ties by row (stable sort), as in the metrics."""
     distances = metrics.hamming_distances(torch.from_numpy(query_code[None]),
@@ -294,7 +288,7 @@ def retrieve(run_dir, query: Union[int, str, Path], stage: str = "incremental", 
     else:
         images = preprocess_file_image(read_image_file(query), resolution, eval_crop_ratio(data))
         labels, description = parse_label_names(query_labels, run.class_names), str(query)
-    code = encode(network, images)
+    code = encode_batches(network, [(images,)])[0].numpy()
     matches = bool(np.array_equal(code, exported.query_codes[query])) if isinstance(query, int) else None
     order, distances = rank_database(code, exported.database_codes, min(topk, exported.num_database))
     retrieval = Retrieval(stage, description, None if labels is None else names_of(labels, run.class_names), code,

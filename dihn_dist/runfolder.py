@@ -1,8 +1,10 @@
 """The run folder: everything a run leaves behind, each file written atomically (temp file, then rename).
 
 Layout:
-    config.json                 resolved configuration
-    metrics.json                per stage: evaluation rows, per-iteration loss terms and times, checksums
+    format.json                 run format marker (written first)
+    config.json                 resolved configuration; "stage" lists every stage asked of this run
+    manifest.json               the manifest of the prepared data the run started from
+    metrics.json                every finished stage: evaluation row, per-iteration loss terms and times, checksums
     train.log, logs/rank*.log   loguru logs (rank 0's, and one per rank)
     tensorboard/                event files (rank 0)
     checkpoints/<stage>.pt      last complete outer iteration of a stage in progress
@@ -11,7 +13,11 @@ Layout:
         database_codes.npy      int8 +-1 codes of the stage's database (rows = database positions)
         database_codes.packed.npy  the same, numpy.packbits(codes > 0, axis=1)
         query_codes.npy         int8 +-1 codes of the query set from this stage's model
-    database_labels.npy, query_labels.npy, manifest.json   copied from the prepared data
+    database_labels.npy, query_labels.npy   copied from the prepared data
+
+Only the main process writes (every writing method returns at once on the other ranks), so the trainer
+never branches on rank to save something. The checks that decide whether a command may use this folder
+(resume, changed settings, changed data, an old run to start stage 2 from) live here too.
 """
 from __future__ import annotations
 
@@ -21,10 +27,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+
+from . import dist
+from .formats import RUN_FORMAT, STAGE_TITLES, STAGES, train_command
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -70,8 +79,28 @@ def codes_checksum(codes: torch.Tensor) -> str:
     return hashlib.sha256(array.tobytes()).hexdigest()
 
 
+# Manifest keys that identify the prepared data a run trains on.
+DATA_IDENTITY = ("dataset", "num_database", "num_query", "num_classes", "num_original", "num_seen", "files")
+
+
+def data_differences(saved: dict, current: dict) -> List[str]:
+    """What differs between two manifests, key by key (and file by file), in words."""
+    differences = []
+    for key in DATA_IDENTITY:
+        before, after = saved.get(key), current.get(key)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            for name in sorted(set(before) | set(after)):
+                if before.get(name) != after.get(name):
+                    differences.append(f"{key}/{name}: {before.get(name)!r} -> {after.get(name)!r}")
+        else:
+            differences.append(f"{key}: {before!r} -> {after!r}")
+    return differences
+
+
 class RunFolder:
-    def __init__(self, root: str):
+    def __init__(self, root):
         self.root = Path(root)
 
     def path(self, *parts: str) -> Path:
@@ -83,27 +112,101 @@ class RunFolder:
     def stage_complete(self, stage: str) -> bool:
         return self.path(stage, "result.json").is_file()
 
+    def finished_stages(self) -> List[str]:
+        return [stage for stage in STAGES if self.stage_complete(stage)]
+
     def has_run(self) -> bool:
         return self.path("config.json").is_file()
 
     def read_json(self, *parts: str) -> dict:
         return json.loads(self.path(*parts).read_text())
 
+    # ------------------------------------------------------------------------------------------------
+    # Checks before anything is written
+
+    def check_resume(self, config, manifest: dict) -> None:
+        """May this command use the folder? A run there needs --resume, the same settings and the same data."""
+        if not self.has_run():
+            return
+        if not config.resume:
+            raise ValueError(f"--out {self.root}: already holds a run; pass --resume to continue it (or to add "
+                             f"stages to it), or choose another --out")
+        saved = self.read_json("config.json")
+        changed = [k for k in _resume_invariants() if saved.get(k) != getattr(config, k)]
+        if changed:
+            detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+            raise ValueError(f"--resume {self.root}: the run was started with other settings ({detail}); resume "
+                             f"it with `{train_command(self.root)}`, or choose another --out")
+        if self.path("manifest.json").is_file():
+            differences = data_differences(self.read_json("manifest.json"), manifest)
+            if differences:
+                raise ValueError(f"--resume {self.root}: the prepared data at --data {config.data} is not the data "
+                                 f"this run started from ({'; '.join(differences[:5])}); pass the original --data")
+
+    # ------------------------------------------------------------------------------------------------
+    # Writing (main process only)
+
+    def create(self, config, data) -> None:
+        """The marker, the settings (stages asked of this run so far), the data's manifest and labels."""
+        if dist.context().is_main:
+            self._create(config, data)
+        dist.barrier()
+
+    def _create(self, config, data) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temp_files()
+        stages = list(config.stage)
+        if self.has_run():
+            stages += self.read_json("config.json").get("stage", [])
+        settings = {**config.to_json(), "stage": [s for s in STAGES if s in stages]}
+        atomic_write_json(self.path("format.json"), RUN_FORMAT)
+        atomic_write_json(self.path("config.json"), settings)
+        atomic_write_json(self.path("manifest.json"), data.manifest)
+        atomic_save_numpy(self.path("database_labels.npy"), data.database_labels)
+        atomic_save_numpy(self.path("query_labels.npy"), data.query_labels)
+
+    def remove_stale_temp_files(self) -> None:
+        """Temp files of writes that a kill -9 interrupted (never renamed into place)."""
+        for temp in self.root.rglob(".*.tmp"):
+            temp.unlink(missing_ok=True)
+
+    def save_checkpoint(self, stage: str, state: Dict[str, Any]) -> None:
+        """Objects with a state_dict are saved by it; everything else as it is. Every rank waits for it."""
+        if dist.context().is_main:
+            saved = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
+            atomic_torch_save(self.checkpoint_path(stage), saved)
+        dist.barrier()
+
     def save_stage(self, stage: str, model_state: dict, database_codes: torch.Tensor,
                    query_codes: torch.Tensor, result: dict) -> None:
-        codes = database_codes.detach().to("cpu", torch.int8).numpy()
-        atomic_torch_save(self.path(stage, "model.pt"), model_state)
-        atomic_save_numpy(self.path(stage, "database_codes.npy"), codes)
-        atomic_save_numpy(self.path(stage, "database_codes.packed.npy"), np.packbits(codes > 0, axis=1))
-        atomic_save_numpy(self.path(stage, "query_codes.npy"), query_codes.detach().to("cpu", torch.int8).numpy())
-        atomic_write_json(self.path(stage, "result.json"), result)
+        if dist.context().is_main:
+            codes = database_codes.detach().to("cpu", torch.int8).numpy()
+            atomic_torch_save(self.path(stage, "model.pt"), model_state)
+            atomic_save_numpy(self.path(stage, "database_codes.npy"), codes)
+            atomic_save_numpy(self.path(stage, "database_codes.packed.npy"), np.packbits(codes > 0, axis=1))
+            atomic_save_numpy(self.path(stage, "query_codes.npy"),
+                              query_codes.detach().to("cpu", torch.int8).numpy())
+            atomic_write_json(self.path(stage, "result.json"), result)
+        dist.barrier()
+
+    def write_metrics(self) -> dict:
+        """metrics.json from every finished stage of the run, whichever command finished it."""
+        results = {stage: self.read_json(stage, "result.json") for stage in self.finished_stages()}
+        summary = {"rows": [{"name": STAGE_TITLES[k], "stage": k, **v["row"]} for k, v in results.items()],
+                   "stages": results}
+        if dist.context().is_main:
+            atomic_write_json(self.path("metrics.json"), summary)
+        return summary
+
+    # ------------------------------------------------------------------------------------------------
+    # Reading
 
     def load_stage(self, stage: str) -> dict:
         """A finished stage: model state, database codes (int8 tensor), query codes and its result."""
         folder = self.path(stage)
         if not self.stage_complete(stage):
             raise FileNotFoundError(f"{folder}: stage {stage!r} is not complete (no result.json); run "
-                                    f"python -m dihn_dist.train --out {self.root} --stage {stage} --resume")
+                                    f"{train_command(self.root, stage)}")
         return {
             "model": torch.load(folder / "model.pt", map_location="cpu", weights_only=True),
             "database_codes": torch.from_numpy(np.load(folder / "database_codes.npy")),
@@ -111,8 +214,47 @@ class RunFolder:
             "result": json.loads((folder / "result.json").read_text()),
         }
 
-    def load_checkpoint(self, stage: str) -> Optional[dict]:
+    def restore_checkpoint(self, stage: str, **objects) -> Optional[dict]:
+        """Load a stage's checkpoint into the given objects (each by load_state_dict); return the whole
+        checkpoint for its plain values, or None when the stage has none."""
         path = self.checkpoint_path(stage)
         if not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        for name, target in objects.items():
+            target.load_state_dict(checkpoint[name])
+        return checkpoint
+
+
+def _resume_invariants():
+    from .config import RESUME_INVARIANTS
+    return RESUME_INVARIANTS
+
+
+def load_old_stage(config, data, run: RunFolder) -> dict:
+    """B_old and the original model that stage 2 starts from: --old-run's finished stage 1, else this run's."""
+    from .hashing import check_codes
+    source = RunFolder(config.old_run) if config.old_run else run
+    if not source.stage_complete("original"):
+        raise FileNotFoundError(
+            f"{source.root}: has no finished original stage (stage 1), which stage 2 starts from; run "
+            f"--stage original first, or pass --old-run RUN_DIR of a run that has one")
+    if config.old_run:
+        old_config = source.read_json("config.json")
+        old_manifest = source.read_json("manifest.json")
+        for key, ours in (("code_length", config.code_length), ("arch", config.arch)):
+            if old_config.get(key) != ours:
+                raise ValueError(f"--old-run {source.root}: was trained with {key} {old_config.get(key)!r}, "
+                                 f"this run uses {ours!r}")
+        for key in ("dataset", "num_original", "num_database", "num_seen"):
+            if old_manifest.get(key) != data.manifest.get(key):
+                raise ValueError(f"--old-run {source.root}: its data has {key} {old_manifest.get(key)!r}, "
+                                 f"--data {data.root} has {data.manifest.get(key)!r}")
+    old = source.load_stage("original")
+    codes = old["database_codes"]
+    name = f"{source.root}/original/database_codes.npy"
+    if tuple(codes.shape) != (data.num_original, config.code_length):
+        raise ValueError(f"{name}: expected shape ({data.num_original}, {config.code_length}), found "
+                         f"{tuple(codes.shape)}")
+    check_codes(name, codes)
+    return old

@@ -7,7 +7,8 @@
 #   RDZV_PORT      torchrun c10d rendezvous port on the head node (default: 29500 + job id mod 10000)
 #   MAX_RESTARTS   torchrun restarts of failed workers within one attempt (default 0; each restart resumes)
 #   STOP_GRACE_S   seconds the USR1 handler waits for the training step to stop before requeueing (default 90)
-#   NUM_WORKERS    FFCV loader threads per process (default: SLURM_CPUS_PER_TASK / processes per node)
+#   NUM_WORKERS    FFCV loader threads per process (default: the trainer's own rule, the CPUs Slurm gave the
+#                  task divided by the processes on the node; torch threads follow the same rule)
 #   EXTRA_ARGS     more arguments for python -m dihn_dist.train (word-split)
 #
 # Preemption: the templates ask for `--signal=B:USR1@120` and `--requeue`. Slurm sends SIGUSR1 to this
@@ -49,14 +50,6 @@ dihn_activate() {
 }
 
 dihn_head_node() { scontrol show hostnames "${SLURM_JOB_NODELIST:?}" | head -n1; }
-
-# FFCV loader threads per training process: the CPUs Slurm gave this task, split between its processes.
-dihn_workers_per_process() {
-  local processes="$1" cpus="${SLURM_CPUS_PER_TASK:-}" workers="${NUM_WORKERS:-}"
-  [ -n "$cpus" ] || cpus="$(nproc)"
-  if [ -n "$workers" ]; then echo "$workers"; return; fi
-  echo $(( cpus / processes > 0 ? cpus / processes : 1 ))
-}
 
 dihn_banner() {
   dihn_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )) (SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}} node(s): ${SLURM_JOB_NODELIST:-?}; CPUs per task ${SLURM_CPUS_PER_TASK:-unset}; GPUs per node ${GPUS_PER_NODE:-0}"
@@ -150,22 +143,22 @@ trap dihn_on_term TERM
 
 # dihn_torchrun PROCESSES_PER_NODE TRAIN_ARGS...: one srun task per node, each running
 #   torchrun --nnodes $SLURM_NNODES --nproc_per_node PROCESSES_PER_NODE --rdzv_backend c10d
-#            --rdzv_endpoint <head node>:<port> -m dihn_dist.train --resume --num-workers N TRAIN_ARGS...
+#            --rdzv_endpoint <head node>:<port> -m dihn_dist.train --resume TRAIN_ARGS...
+# Each process takes its share of the task's CPUs (loader and torch threads) by itself.
 dihn_torchrun() {
   local nproc="$1"; shift
   local nnodes="${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
-  local head port workers
+  local head port
   head="$(dihn_head_node)"
   port="${RDZV_PORT:-$(( 29500 + ${SLURM_JOB_ID} % 10000 ))}"
-  workers="$(dihn_workers_per_process "$nproc")"
   # If SIGUSR1 ever reaches an agent (e.g. --signal without B:), stop the workers instead of dying.
   export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
   # The trainer finishes and checkpoints its current outer iteration on SIGTERM: give it the grace period
   # before torchrun escalates to SIGKILL.
   export PET_SHUTDOWN_TIMEOUT="${PET_SHUTDOWN_TIMEOUT:-${STOP_GRACE_S:-90}}"
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$workers}"
   local -a extra=()
   read -r -a extra <<< "${EXTRA_ARGS:-}"
+  [ -z "${NUM_WORKERS:-}" ] || extra=(--num-workers "$NUM_WORKERS" "${extra[@]}")
   local -a step=(srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
   # Slurm 22.05+ srun does not inherit sbatch's --cpus-per-task: pass it on.
   [ -z "${SLURM_CPUS_PER_TASK:-}" ] || step+=(--cpus-per-task="${SLURM_CPUS_PER_TASK:-}")
@@ -173,5 +166,5 @@ dihn_torchrun() {
     torchrun --nnodes "$nnodes" --nproc_per_node "$nproc" \
       --rdzv_backend c10d --rdzv_endpoint "$head:$port" --rdzv_id "dihn-${SLURM_JOB_ID}" \
       --max_restarts "${MAX_RESTARTS:-0}" \
-      -m dihn_dist.train --resume --num-workers "$workers" "$@" "${extra[@]}"
+      -m dihn_dist.train --resume "$@" "${extra[@]}"
 }

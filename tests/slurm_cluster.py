@@ -115,7 +115,7 @@ class SlurmCluster:
     def _write_conf(self) -> None:
         self._path("etc")
         state, spool, logs = self._path("state"), self._path("spool"), self._path("log")
-        # Settings verified on these machines (NOTES section 4): no cgroups, root runs the daemons.
+        # Settings that work on a single unprivileged-container host: no cgroups, root runs the daemons.
         self.conf.write_text(f"""\
 ClusterName=dihntest
 SlurmctldHost={self.node}

@@ -62,7 +62,7 @@ def assert_same_run(a, b):
 
 def test_two_processes_follow_one_process_with_the_same_global_batch(one_process_run, tiny_prepared, tmp_path):
     out = tmp_path / "two"
-    result = torchrun(2, tiny_prepared, out, "--batch-size", "16", "--max-iter", "2", "--stage", "all")
+    result = torchrun(2, tiny_prepared, out, "--batch-size", "32", "--max-iter", "2", "--stage", "all")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(one_process_run, out)
     # only rank 0 writes the shared outputs; every rank keeps its own log
@@ -76,7 +76,7 @@ def test_two_agents_rendezvous_like_two_nodes(one_process_run, tiny_prepared, tm
     agents = [subprocess.Popen(
         [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
          "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-node-test",
-         *train_args(tiny_prepared, out, "--batch-size", "16", "--max-iter", "2", "--stage", "all")],
+         *train_args(tiny_prepared, out, "--batch-size", "32", "--max-iter", "2", "--stage", "all")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     assert all(agent.returncode == 0 for agent in agents), outputs[0][-2000:] + outputs[1][-2000:]
@@ -84,7 +84,7 @@ def test_two_agents_rendezvous_like_two_nodes(one_process_run, tiny_prepared, tm
 
 
 def test_killed_worker_is_restarted_and_resumes_to_the_same_codes(tiny_prepared, tmp_path):
-    args = ["--batch-size", "16", "--max-iter", "4", "--stage", "original", "--resume"]
+    args = ["--batch-size", "32", "--max-iter", "4", "--stage", "original", "--resume"]
     reference = tmp_path / "reference"
     assert torchrun(2, tiny_prepared, reference, *args).returncode == 0
 
@@ -114,7 +114,7 @@ def test_a_failing_rank_stops_every_rank(tiny_prepared, tmp_path):
     started = time.time()
     env = {**os.environ, "DIHN_FAIL_AT": "rank=1,iteration=2"}
     command = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
-               *train_args(tiny_prepared, out, "--batch-size", "16", "--max-iter", "4", "--stage", "original")]
+               *train_args(tiny_prepared, out, "--batch-size", "32", "--max-iter", "4", "--stage", "original")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     elapsed = time.time() - started
     assert result.returncode != 0

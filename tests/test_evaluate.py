@@ -12,7 +12,7 @@ from PIL import Image
 from dihn_dist import evaluate, exported, metrics
 from conftest import copy_run
 
-# FFCV's discarded loaders print harmless numba finalizer KeyErrors (NOTES section 4).
+# FFCV's discarded loaders print harmless numba finalizer KeyErrors (FFCV 1.0.2 with numba).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 

@@ -1,4 +1,4 @@
-"""dihn_dist.hashing against slow, obviously correct loops and dense formulas (NOTES section 1).
+"""dihn_dist.hashing against slow, obviously correct loops and dense formulas (docs/method.md).
 
 Most DCC problems use small integer-valued U and dyadic r so that every sum is exact in float32: the
 fast sweep and the naive reference must then agree bit for bit, including the sgn(0) cases.
@@ -218,8 +218,16 @@ def test_quantization_and_balance_losses_match_loops():
     assert float(H.bit_balance_loss(sums)) == pytest.approx(float(expected_balance), rel=1e-12)
 
 
-def test_adsh_and_dihn_losses_use_database_positions():
-    """The quantization term pulls each sample towards the code at its *database* index (NOTES 2.1)."""
+def loss_of(F, B, S, own, gamma, mu, n, global_batch=None, world_size=1, bit_sums=None):
+    hash_term = H.pairwise_hash_loss(F, B, S, B.shape[1])
+    sums = F.sum(dim=0) if bit_sums is None else bit_sums
+    return H.batch_loss(F, hash_term, own, sums, gamma=gamma, mu=mu, num_database=n,
+                        global_batch=global_batch or F.shape[0], world_size=world_size)
+
+
+def test_batch_loss_uses_database_positions():
+    """The quantization term pulls each sample towards the code at its *database* index (the reference code
+    used the sample's position within the subset: docs/method.md, the reference bugs)."""
     g = gen(9)
     n, batch, c, gamma, mu = 12, 4, 5, 3.0, 0.7
     B = codes(n, c, g)
@@ -232,16 +240,45 @@ def test_adsh_and_dihn_losses_use_database_positions():
                     for i in range(batch) for j in range(n))
     quant = sum((float(B[int(positions[i]), k]) - F[i, k]) ** 2 for i in range(batch) for k in range(c))
     balance = sum(sum(F[i, k] for i in range(batch)) ** 2 for k in range(c))
-    adsh = float(H.adsh_loss(F, B, S, own, gamma, n))
-    dihn = float(H.dihn_loss(F, B, S, own, gamma, mu, n))
-    assert adsh == pytest.approx(float(hash_term + gamma * quant) / (batch * n), rel=1e-10)
-    assert dihn == pytest.approx(float(hash_term + gamma * quant + mu * balance) / (batch * n), rel=1e-10)
-    # the reference bug (codes of rows 0..batch-1) gives a different value here
-    buggy = float(H.adsh_loss(F, B, S, B[:batch], gamma, n))
-    assert abs(buggy - adsh) > 1e-6
-    terms = H.loss_terms(F, B, S, own)
-    assert set(terms) == {"hash", "quantization"}
+    adsh, _ = loss_of(F, B, S, own, gamma, 0.0, n)
+    dihn, terms = loss_of(F, B, S, own, gamma, mu, n)
+    assert float(adsh) == pytest.approx(float(hash_term + gamma * quant) / (batch * n), rel=1e-10)
+    assert float(dihn) == pytest.approx(float(hash_term + gamma * quant + mu * balance) / (batch * n), rel=1e-10)
+    assert set(terms) == {"hash", "quantization", "balance"}
     assert float(terms["quantization"]) == pytest.approx(float(quant), rel=1e-12)
+    assert float(terms["balance"]) == pytest.approx(float(balance), rel=1e-12)
+    # the reference bug (codes of rows 0..batch-1) gives a different value here
+    buggy, _ = loss_of(F, B, S, B[:batch], gamma, 0.0, n)
+    assert abs(float(buggy) - float(adsh)) > 1e-6
+    with pytest.raises(ValueError, match="bit_sums"):
+        H.batch_loss(F, terms["hash"], own, None, gamma=gamma, mu=mu, num_database=n, global_batch=batch)
+
+
+def test_batch_loss_scaled_per_process_averages_to_the_global_batch_gradient():
+    """Two processes with half the batch each: DDP's average of their gradients (the balance term's
+    all-reduce backward summing both processes' gradients) equals one process's gradient on the whole batch."""
+    g = gen(11)
+    n, batch, c, gamma, mu = 10, 6, 4, 2.0, 0.5
+    B = codes(n, c, g)
+    labels = one_hot(n, 3, g)
+    positions = torch.tensor([0, 3, 4, 9, 1, 7])
+    S = H.similarity(labels[positions], labels).double()
+    F = torch.tanh(torch.randn(batch, c, generator=g)).double().requires_grad_()
+    whole, _ = loss_of(F, B, S, B[positions], gamma, mu, n)
+    expected = torch.autograd.grad(whole, F)[0]
+
+    halves = [slice(0, 3), slice(3, 6)]
+    parts = [F.detach()[h].clone().requires_grad_() for h in halves]
+    global_sums = sum(p.sum(dim=0) for p in parts)  # the all-reduce, differentiable into both halves
+    grads = [torch.zeros_like(p) for p in parts]
+    for h in halves:  # each process's loss; its backward reaches both halves through the all-reduce
+        index = halves.index(h)
+        loss, _ = loss_of(parts[index], B, S[h], B[positions][h], gamma, mu, n, global_batch=batch,
+                          world_size=2, bit_sums=global_sums)
+        for target, grad in zip(grads, torch.autograd.grad(loss, parts, retain_graph=True)):
+            target += grad
+    averaged = torch.cat(grads) / 2  # DDP's average over the two processes
+    assert torch.allclose(averaged, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_losses_are_differentiable():
@@ -249,7 +286,8 @@ def test_losses_are_differentiable():
     F = torch.tanh(torch.randn(3, 4, generator=g)).requires_grad_()
     B = codes(6, 4, g)
     S = H.similarity(one_hot(3, 2, g), one_hot(6, 2, g))
-    H.dihn_loss(F, B, S, B[:3], 2.0, 1.0, 6).backward()
+    loss, _ = loss_of(F, B, S, B[:3], 2.0, 1.0, 6)
+    loss.backward()
     assert F.grad is not None and bool(torch.isfinite(F.grad).all()) and float(F.grad.abs().sum()) > 0
 
 

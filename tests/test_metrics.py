@@ -1,4 +1,4 @@
-"""dihn_dist.metrics against slow loops and hand-computed cases (NOTES section 1, retrieval metric).
+"""dihn_dist.metrics against slow loops and hand-computed cases (docs/method.md, the retrieval metric).
 
 Both ranking back ends (numpy on CPU by default, torch = the CUDA code path) are checked everywhere.
 """
@@ -122,7 +122,7 @@ def test_hand_computed_topk_all_spellings(backend):
     full = M.mean_average_precision(qc, dc, ql, dl)
     for topk in (None, 0, -1, 5, 6, 1000):
         assert M.mean_average_precision(qc, dc, ql, dl, topk=topk) == full
-    # topk=-1 must not drop the last database item (NOTES 2.3): it holds a hit at rank 5
+    # topk=-1 must not drop the last database item (a reference bug, docs/method.md): it holds a hit at rank 5
     assert M.mean_average_precision(qc, dc, ql, dl, topk=4) != full
 
 

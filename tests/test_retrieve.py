@@ -7,7 +7,7 @@ from dihn_dist import exported, retrieve
 from dihn_dist.data import eval_batches, load_prepared
 from conftest import copy_run
 
-# FFCV's discarded loaders print harmless numba finalizer KeyErrors (NOTES section 4).
+# FFCV's discarded loaders print harmless numba finalizer KeyErrors (FFCV 1.0.2 with numba).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 QUERY = 3

@@ -21,6 +21,11 @@ def run_train(data, out, *extra):
     return train.main(["--data", str(data), "--out", str(out), *TINY, *extra])
 
 
+def run_train_raising(data, out, *extra):
+    """The trainer without its command-line error handling, for pytest.raises."""
+    return train.run_command_line(["--data", str(data), "--out", str(out), *TINY, *extra])
+
+
 def test_both_stages_leave_a_complete_run_folder(finished_run):
     for name in ("config.json", "metrics.json", "train.log", "logs/rank0.log", "manifest.json"):
         assert (finished_run / name).is_file(), name
@@ -65,12 +70,12 @@ def test_metrics_equal_map_recomputed_from_exported_codes(finished_run):
 
 def test_rerun_without_resume_is_refused(finished_run, tiny_prepared):
     with pytest.raises(ValueError, match="--resume"):
-        run_train(tiny_prepared, finished_run, "--max-iter", "2")
+        run_train_raising(tiny_prepared, finished_run, "--max-iter", "2")
 
 
 def test_resume_with_other_settings_is_refused(finished_run, tiny_prepared):
     with pytest.raises(ValueError, match="--code-length"):
-        train.main(["--data", str(tiny_prepared), "--out", str(finished_run), *TINY, "--max-iter", "2",
+        train.run_command_line(["--data", str(tiny_prepared), "--out", str(finished_run), *TINY, "--max-iter", "2",
                     "--code-length", "16", "--resume"])
 
 
@@ -115,13 +120,13 @@ def test_stage_two_from_another_run(finished_run, tiny_prepared, tmp_path):
 
 def test_old_run_with_other_code_length_is_refused(finished_run, tiny_prepared, tmp_path):
     with pytest.raises(ValueError, match="code_length"):
-        train.main(["--data", str(tiny_prepared), "--out", str(tmp_path / "x"), *TINY, "--code-length", "16",
+        train.run_command_line(["--data", str(tiny_prepared), "--out", str(tmp_path / "x"), *TINY, "--code-length", "16",
                     "--max-iter", "1", "--stage", "incremental", "--old-run", str(finished_run)])
 
 
 def test_incremental_without_stage_one_is_refused(tiny_prepared, tmp_path):
     with pytest.raises(FileNotFoundError, match="original stage"):
-        run_train(tiny_prepared, tmp_path / "x", "--max-iter", "1", "--stage", "incremental")
+        run_train_raising(tiny_prepared, tmp_path / "x", "--max-iter", "1", "--stage", "incremental")
 
 
 def test_old_codes_that_are_not_plus_minus_one_are_refused(finished_run, tiny_prepared, tmp_path):
@@ -130,17 +135,17 @@ def test_old_codes_that_are_not_plus_minus_one_are_refused(finished_run, tiny_pr
     codes[0, 0] = 0
     np.save(broken / "original" / "database_codes.npy", codes)
     with pytest.raises(ValueError, match="must be \\+-1"):
-        run_train(tiny_prepared, tmp_path / "x", "--max-iter", "1", "--stage", "incremental", "--old-run", str(broken))
+        run_train_raising(tiny_prepared, tmp_path / "x", "--max-iter", "1", "--stage", "incremental", "--old-run", str(broken))
 
 
 def test_too_many_samples_is_refused(tiny_prepared, tmp_path):
     with pytest.raises(ValueError, match="--num-samples"):
-        train.main(["--data", str(tiny_prepared), "--out", str(tmp_path / "x"), *TINY, "--num-samples", "100000"])
+        train.run_command_line(["--data", str(tiny_prepared), "--out", str(tmp_path / "x"), *TINY, "--num-samples", "100000"])
 
 
 def test_missing_data_folder_names_the_command(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match="prepare"):
-        train.main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), *TINY])
+        train.run_command_line(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), *TINY])
 
 
 def test_unknown_arch_is_refused(tiny_prepared, tmp_path, capsys):
@@ -173,19 +178,19 @@ def test_pretrained_state_dict_loads(tmp_path):
 
 def test_non_finite_loss_stops_with_the_iteration_and_keeps_checkpoint(tiny_prepared, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train.hashing.loss_terms
+    real = train.hashing.batch_loss
 
-    def poisoned(*args):
-        terms = real(*args)
+    def poisoned(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] > 8:  # after the first outer iteration (4 steps of 32 of 120 items) has checkpointed
-            terms["hash"] = terms["hash"] * float("nan")
-        return terms
+        if calls["n"] > 8:  # after two outer iterations (4 steps of 32 of 120 items each) have checkpointed
+            loss, terms = loss * float("nan"), {**terms, "hash": terms["hash"] * float("nan")}
+        return loss, terms
 
-    monkeypatch.setattr(train.hashing, "loss_terms", poisoned)
+    monkeypatch.setattr(train.hashing, "batch_loss", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match="iteration 3, .*hash nan"):
-        run_train(tiny_prepared, out, "--max-iter", "3", "--stage", "original")
+        run_train_raising(tiny_prepared, out, "--max-iter", "3", "--stage", "original")
     assert torch.load(out / "checkpoints" / "original.pt", weights_only=False)["iteration"] == 1
 
 
@@ -227,7 +232,7 @@ def test_sigterm_stops_after_a_checkpoint_and_resume_finishes(tiny_prepared, tmp
 def test_reference_cli_dataset_and_root_say_how_to_prepare(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="prepare --dataset cifar-10 --root /src/cifar --out data/cifar-10"):
-        train.main(["--dataset", "cifar-10", "--root", "/src/cifar", "--out", str(tmp_path / "x"), *TINY])
+        train.run_command_line(["--dataset", "cifar-10", "--root", "/src/cifar", "--out", str(tmp_path / "x"), *TINY])
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_prepared, tmp_path, monkeypatch):
@@ -246,7 +251,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_prepar
     monkeypatch.setattr(runfolder.os, "fsync", fsync)
     out = tmp_path / "full"
     with pytest.raises(OSError, match="original.pt .*No space left.*previous version of it, if any, is intact"):
-        run_train(tiny_prepared, out, "--max-iter", "3", "--stage", "original")
+        run_train_raising(tiny_prepared, out, "--max-iter", "3", "--stage", "original")
     checkpoints = list((out / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == ["original.pt"], "a temp file was left behind"
     assert torch.load(checkpoints[0], weights_only=False)["iteration"] == 0

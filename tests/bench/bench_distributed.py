@@ -41,12 +41,11 @@ def prepare(data: Path) -> Path:
 
 
 def train(processes: int, data: Path, out: Path, args) -> dict:
-    batch = args.global_batch // processes
     train_args = ["-m", "dihn_dist.train", "--data", str(data), "--out", str(out), "--arch", "small-cnn",
                   "--code-length", "12", "--max-iter", str(args.iterations), "--max-epoch", "1",
-                  "--num-samples", str(args.samples), "--batch-size", str(batch), "--lr", "1e-3",
-                  "--num-workers", "1", "--device", "cpu", "--stage", "original", "--eval-every", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
+                  "--num-samples", str(args.samples), "--batch-size", str(args.global_batch), "--lr", "1e-3",
+                  "--device", "cpu", "--stage", "original", "--eval-every", "1"]
+    env = dict(os.environ)  # each process takes its share of the CPUs by itself
     if processes == 1:
         command = [sys.executable, *train_args]
     else:

@@ -83,28 +83,56 @@ def time_reference(pixels, labels, subset, args, workers: int) -> float:
     return time.perf_counter() - start
 
 
+def ffcv_augmenting_loader(data, args, threads: int, subset):
+    """FFCV's own random-resized-crop decoder (unseeded numba generators): what the trainer would run if it
+    augmented inside the loader. Same normalisation as the trainer's path."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.ndarray import NDArrayDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import ToTensor, ToTorchImage
+    from dihn_dist.augment import CROP_RATIO, CROP_SCALE
+    from dihn_dist.data import Normaliser, build_loader, convert_batch
+    decoder = RandomResizedCropRGBImageDecoder((args.resolution, args.resolution), scale=CROP_SCALE, ratio=CROP_RATIO)
+    spec = {"image": [decoder, ToTensor(), ToTorchImage()], "labels": [NDArrayDecoder(), ToTensor()],
+            "index": [IntDecoder(), ToTensor()]}
+    loader = build_loader(data.beton("database"), batch_size=args.batch_size, num_workers=threads,
+                          indices=np.sort(subset).astype(np.uint64), pipeline_spec=spec, seed=0)
+    normalise = Normaliser(torch.device("cpu"), num_threads=threads)
+    return loader, lambda: (convert_batch(batch, normalise) for batch in loader)
+
+
 def time_ffcv(data, subset, args, workers: int, trainer_path: bool):
     """trainer_path: what dihn_dist.train runs (loader without augmentation, then the seeded crop + flip of
-    dihn_dist.augment on the device); otherwise FFCV's own random-resized-crop decoder and flip."""
+    dihn_dist.augment on the device); otherwise FFCV's own random-resized-crop decoder."""
     from dihn_dist import augment
     from dihn_dist.data import TrainLoader, batch_schedule
     threads = max(workers, 1)   # FFCV's workers are numba threads; 0 torch workers = 1 thread doing the work
     start = time.perf_counter()
-    loader = TrainLoader(data, batch_size=args.batch_size, resolution=args.resolution, device=torch.device("cpu"),
-                         num_workers=threads, length=len(subset), augment="none" if trainer_path else "crop-flip")
+    if trainer_path:
+        loader = TrainLoader(data, batch_size=args.batch_size, resolution=args.resolution,
+                             device=torch.device("cpu"), num_workers=threads, length=len(subset))
+        batches = lambda: loader  # noqa: E731
+    else:
+        loader, batches = ffcv_augmenting_loader(data, args, threads, subset)
     generator = torch.Generator().manual_seed(0)
-    positions, steps = batch_schedule(subset, args.batch_size, 1, 0)
-    loader.set_order(positions, steps)
-    for _ in loader:   # first epoch compiles the numba pipeline
+    rng = np.random.default_rng(1)
+
+    def reorder():
+        order = rng.permutation(subset)
+        if trainer_path:
+            loader.set_order(*batch_schedule(order, args.batch_size, 1, 0))
+        else:
+            loader.indices = loader.traversal_order.indices = order.astype(np.uint64)
+
+    reorder()
+    for _ in batches():   # first epoch compiles the numba pipeline
         pass
     build = time.perf_counter() - start
-    rng = np.random.default_rng(1)
     start = time.perf_counter()
     for _ in range(args.epochs):
-        positions, steps = batch_schedule(rng.permutation(subset), args.batch_size, 1, 0)
-        loader.set_order(positions, steps)
+        reorder()
         params = augment.draw_params(generator, data.num_database, "crop-flip")
-        for images, labels, index in loader:
+        for images, labels, index in batches():
             if trainer_path:
                 augment.apply(images, params[index])
     return time.perf_counter() - start, build
