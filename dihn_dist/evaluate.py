@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from . import metrics
+from . import errors, metrics
 from .config import Config
 from .exported import ExportedRun, StageExport, load_run, load_stages
 from .formats import STAGE_SHORT_TITLES, STAGE_TITLES
@@ -315,6 +315,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="K of mAP@K; <= 0 means the whole database (default: the run's --topk)")
     parser.add_argument("--precision-k", type=int, help="k of precision@k (default: the run's --precision-k)")
     parser.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/report)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args = parser.parse_args(argv)
     if args.precision_k is not None and args.precision_k <= 0:
         parser.error(f"--precision-k: expected a positive number, got {args.precision_k}")
@@ -323,11 +324,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        summary = evaluate_run(args.run_dir, args.topk, args.precision_k, args.out)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return errors.run_command(lambda: report(args), debug=args.debug)
+
+
+def report(args) -> int:
+    summary = evaluate_run(args.run_dir, args.topk, args.precision_k, args.out)
     print(summary["data"])
     print(summary["table"])
     print(summary["agreement"])

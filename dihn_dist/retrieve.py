@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import metrics
+from . import errors, metrics
 from .data import (IMAGENET_MEAN, IMAGENET_STD, Normaliser, PreparedData, eval_batches, eval_crop_ratio,
                    hide_discarded_loader_noise, load_prepared)
 from .exported import ExportedRun, StageExport, load_run, load_stage
@@ -337,18 +337,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--query-labels", help="classes of an image-file query, comma-separated names or numbers "
                                                "(marks the results relevant or not)")
     parser.add_argument("--num-workers", type=int, default=1, help="FFCV threads reading the images")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     hide_discarded_loader_noise()
     args = parse_args(argv)
-    try:
-        retrieval = retrieve(args.run_dir, args.query, args.stage, args.topk, args.data, args.out,
-                             args.query_labels, args.num_workers)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return errors.run_command(lambda: show(args), debug=args.debug)
+
+
+def show(args) -> int:
+    retrieval = retrieve(args.run_dir, args.query, args.stage, args.topk, args.data, args.out,
+                         args.query_labels, args.num_workers)
     print(format_retrieval(retrieval))
     return 0
 

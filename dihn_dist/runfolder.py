@@ -79,6 +79,19 @@ def codes_checksum(codes: torch.Tensor) -> str:
     return hashlib.sha256(array.tobytes()).hexdigest()
 
 
+# Settings that name files: config.json keeps them absolute, so that the commands the tools print
+# (`--config RUN/config.json --out RUN ...`) work from any folder.
+PATH_SETTINGS = ("data", "old_run", "pretrained")
+
+
+def stored_settings(config) -> dict:
+    settings = config.to_json()
+    for key in PATH_SETTINGS:
+        if settings.get(key) not in (None, "", "none"):
+            settings[key] = str(Path(settings[key]).resolve())
+    return settings
+
+
 # Manifest keys that identify the prepared data a run trains on.
 DATA_IDENTITY = ("dataset", "num_database", "num_query", "num_classes", "num_original", "num_seen", "files")
 
@@ -132,7 +145,8 @@ class RunFolder:
             raise ValueError(f"--out {self.root}: already holds a run; pass --resume to continue it (or to add "
                              f"stages to it), or choose another --out")
         saved = self.read_json("config.json")
-        changed = [k for k in _resume_invariants() if saved.get(k) != getattr(config, k)]
+        current = stored_settings(config)
+        changed = [k for k in _resume_invariants() if saved.get(k) != current.get(k)]
         if changed:
             detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
             raise ValueError(f"--resume {self.root}: the run was started with other settings ({detail}); resume "
@@ -158,7 +172,7 @@ class RunFolder:
         stages = list(config.stage)
         if self.has_run():
             stages += self.read_json("config.json").get("stage", [])
-        settings = {**config.to_json(), "stage": [s for s in STAGES if s in stages]}
+        settings = {**stored_settings(config), "stage": [s for s in STAGES if s in stages]}
         atomic_write_json(self.path("format.json"), RUN_FORMAT)
         atomic_write_json(self.path("config.json"), settings)
         atomic_write_json(self.path("manifest.json"), data.manifest)

@@ -175,7 +175,7 @@ class StageTraining:
         frozen_before = codes_checksum(self.codes[:stage.num_frozen])
         for iteration in range(self.next_iteration, config.max_iter):
             started = time.perf_counter()
-            raise_injected_failure(iteration)
+            inject_failure(iteration, self.model)
             sample = sample_positions(config.seed, stage, iteration, config.num_samples)
             r = hashing.soft_similarity_offset(self.labels[sample], self.labels) if config.soft_similarity else None
             outputs, positions, losses = self.train_on_sample(sample, r, iteration)
@@ -360,14 +360,20 @@ def initial_codes(stage: Stage, config: Config, frozen: Optional[torch.Tensor]) 
     return learned if frozen is None else torch.cat([frozen.to(torch.int8), learned])
 
 
-def raise_injected_failure(iteration: int) -> None:
-    """Fault injection for the tests: DIHN_FAIL_AT="rank=R,iteration=I" raises on rank R at iteration I."""
+def inject_failure(iteration: int, model: torch.nn.Module) -> None:
+    """Fault injection for the tests: DIHN_FAIL_AT="rank=R,iteration=I[,kind=nan]" raises on rank R at
+    iteration I, or with kind=nan poisons that rank's weights so that only its loss turns non-finite."""
     spec = os.environ.get("DIHN_FAIL_AT")
     if not spec:
         return
     target = dict(item.split("=") for item in spec.split(","))
-    if int(target["rank"]) == dist.context().rank and int(target["iteration"]) == iteration + 1:
-        raise RuntimeError(f"injected failure (DIHN_FAIL_AT={spec}) on rank {dist.context().rank}")
+    if int(target["rank"]) != dist.context().rank or int(target["iteration"]) != iteration + 1:
+        return
+    if target.get("kind") == "nan":
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return
+    raise RuntimeError(f"injected failure (DIHN_FAIL_AT={spec}) on rank {dist.context().rank}")
 
 
 if __name__ == "__main__":
