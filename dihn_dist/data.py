@@ -1,4 +1,5 @@
-"""Loading prepared data (see `dihn_dist.prepare`): the manifest and labels, per-rank batch schedules, and FFCV
+"""Loading prepared data (see `dihn_dist.prepare`): the manifest and labels, every file checked against the
+manifest's sizes and fingerprints (`load_prepared`, `verify_prepared`), per-rank batch schedules, and FFCV
 loaders for training (random subsets of database positions, swapped in place every outer iteration) and for
 encoding the query and database parts.
 
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .formats import MANIFEST, PREPARED_FORMAT, PREPARED_FORMAT_VERSION, is_incremental
+from .formats import (MANIFEST, PREPARED_FORMAT, PREPARED_FORMAT_VERSION, folder_kind, is_incremental,
+                      listed_file_problem, prepare_command)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,10 +66,22 @@ class PreparedData:
 
     @property
     def image_size(self) -> int:
-        """Stored image side: the square side of raw images (28 Fashion-MNIST, 32 CIFAR-10), the longest side
-        (--max-side) of JPEG-stored images."""
+        """The most common longest side of the stored images, in pixels: the trainer's default resolution.
+        Raw images: their square side (28 Fashion-MNIST, 32 CIFAR-10). JPEG-stored images: usually --max-side,
+        but smaller when most images were (28 px PNGs in an image-list stay 28, not --max-side 256)."""
+        return int(self.manifest["image"]["most_common_side"])
+
+    @property
+    def max_side(self) -> int:
+        """The side images were brought to: the square side of raw images, --max-side for JPEG-stored ones
+        (no stored image is larger; see `largest_side` for the largest one actually stored)."""
         image = self.manifest["image"]
         return int(image["height"] if image["storage"] == "raw" else image["max_side"])
+
+    @property
+    def largest_side(self) -> int:
+        """The longest side of the largest stored image."""
+        return int(self.manifest["image"]["largest_side"])
 
     @property
     def image_storage(self) -> str:
@@ -99,22 +113,27 @@ def hide_discarded_loader_noise() -> None:
     sys.unraisablehook = hook
 
 
-def load_prepared(data_dir, dataset: Optional[str] = None, num_seen: Optional[int] = None) -> PreparedData:
-    """Read and check a folder written by `python -m dihn_dist.prepare`; `dataset` and `num_seen`, when
-    given (--dataset, --num-seen), must be those it was prepared with."""
+def load_prepared(data_dir, dataset: Optional[str] = None, num_seen: Optional[int] = None,
+                  fingerprints: bool = True) -> PreparedData:
+    """Read and check a folder written by `python -m dihn_dist.prepare`.
+
+    Every file the manifest lists is checked for its size, and with `fingerprints` (default) for its
+    fingerprint too (about 3 MiB read per file: milliseconds even for a 4 GB beton), so a truncated,
+    swapped or rewritten file is named here rather than failing inside FFCV. `dataset` and `num_seen`,
+    when given (--dataset, --num-seen), must be those it was prepared with."""
     root = Path(data_dir)
     hint = PREPARE_HINT.format(path=root)
     if not root.is_dir():
         raise FileNotFoundError(f"prepared data folder {root} does not exist; make it with: {hint}")
+    if folder_kind(root) == "run":
+        raise ValueError(f"{root} is a training run folder, not prepared data; pass the prepared data folder "
+                         f"(the run's config.json names it as data)")
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} does not exist ({root} is not a complete preparation); "
                                 f"make it with: {hint}")
     manifest = read_manifest(manifest_path, hint)
-    for name in manifest.get("files", {}):
-        if not (root / name).is_file():
-            raise FileNotFoundError(f"{root / name} (listed in {manifest_path}) is missing; rebuild with: "
-                                    f"{hint} --force")
+    check_listed_files(root, manifest, fingerprints)
     database_labels = read_labels(root / "database_labels.npy", manifest["num_database"], manifest["num_classes"])
     query_labels = read_labels(root / "query_labels.npy", manifest["num_query"], manifest["num_classes"])
     data = PreparedData(root, manifest, database_labels, query_labels,
@@ -126,6 +145,25 @@ def load_prepared(data_dir, dataset: Optional[str] = None, num_seen: Optional[in
         raise ValueError(f"--num-seen {num_seen}: but --data {root} was prepared with num_seen {data.num_seen}; "
                          f"re-run python -m dihn_dist.prepare with --num-seen {num_seen}")
     return data
+
+
+def verify_prepared(data: PreparedData) -> None:
+    """Check every file of the preparation against its manifest entry: size and fingerprint.
+
+    Raises FileNotFoundError for a missing file and ValueError for one whose size or fingerprint differs,
+    each on one line naming the file, what differs and the command that rebuilds the preparation."""
+    check_listed_files(data.root, data.manifest, fingerprints=True)
+
+
+def check_listed_files(root: Path, manifest: dict, fingerprints: bool) -> None:
+    rebuild = f"re-run {prepare_command(manifest.get('request') or {}, root)} --force"
+    for name, entry in manifest["files"].items():
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} (listed in {root / MANIFEST}) is missing; {rebuild}")
+        problem = listed_file_problem(path, entry, fingerprints)
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}; {rebuild}")
 
 
 def read_manifest(path: Path, hint: str) -> dict:
@@ -140,9 +178,11 @@ def read_manifest(path: Path, hint: str) -> dict:
         raise ValueError(f"{path}: format_version {manifest.get('format_version')}, this dihn_dist reads "
                          f"{PREPARED_FORMAT_VERSION}; rebuild with: {hint} --force")
     missing = [key for key in ("dataset", "num_database", "num_query", "num_classes", "num_original", "num_seen",
-                               "image") if key not in manifest]
+                               "image", "files") if key not in manifest]
     if missing:
         raise ValueError(f"{path}: missing keys {missing}; rebuild with: {hint} --force")
+    if not isinstance(manifest["files"], dict):
+        raise ValueError(f"{path}: \"files\" is not an object; rebuild with: {hint} --force")
     return manifest
 
 

@@ -6,7 +6,7 @@ with the standard library and numpy, and may copy this file and `formats.py` as 
     RUN_DIR/format.json            {"format": "dihn_dist.run", "format_version": 1}
     RUN_DIR/config.json            the trainer's settings; code_length (c), arch, resolution, topk, precision_k
     RUN_DIR/manifest.json          the prepared data's manifest: "format": "dihn_dist.prepared",
-                                   "format_version": 1, num_database (n), num_query (q), num_classes (L),
+                                   "format_version": 1 or 2, num_database (n), num_query (q), num_classes (L),
                                    num_original, num_seen, class_names
     RUN_DIR/database_labels.npy    uint8 (n, L), 1 where the database item carries the class
     RUN_DIR/query_labels.npy       uint8 (q, L), the same for the query set
@@ -40,7 +40,7 @@ import numpy as np
 from .formats import PREPARED_FORMAT, RUN_FORMAT, STAGES, train_command
 
 # The prepared-data format versions this reader understands.
-PREPARED_FORMAT_VERSIONS = (1,)
+PREPARED_FORMAT_VERSIONS = (1, 2)
 
 
 class IncompleteRunError(FileNotFoundError):

@@ -5,14 +5,34 @@
     python -m dihn_dist.prepare --dataset nus-wide-tc21 --root SRC --out data/nus --max-side 256
     python -m dihn_dist.prepare --dataset image-list --database-list db.txt --query-list q.txt --num-seen 5 --out D
 
-Writes into --out: query.beton, database.beton (fields image, labels, index), query_labels.npy and
-database_labels.npy (uint8 multi-hot), query_source_index.npy and database_source_index.npy (the source row of
-each position) and manifest.json (written last). The database holds every original item first (all labels
-< num_seen), in source order, then every incremental item (any label >= num_seen), in source order.
+Writes into --out: format.json (the marker {"format": "dihn_dist.prepared", "format_version": 2}),
+query.beton, database.beton (fields image, labels, index), query_labels.npy and database_labels.npy (uint8
+multi-hot), query_source_index.npy and database_source_index.npy (the source row of each position),
+query_item_digests.npy and database_item_digests.npy (uint8 (N, 16): per stored item, the BLAKE2b digest of
+its stored image metadata, image bytes and label row, exactly as `dihn_dist.betonwriter.read_back` computes
+them: equal rows mean identical stored items) and manifest.json (written last). The database holds every
+original item first (all labels < num_seen), in source order, then every incremental item (any label >=
+num_seen), in source order.
 
-Atomic: everything is written into a hidden temporary folder beside --out and renamed at the end, so an
-interrupted run never leaves a folder that looks complete. Re-running on a complete output with the same
-options does nothing (quickly); --force rebuilds it.
+The manifest lists every other file of the folder with its size and a fingerprint (sha256 of the size and
+about 3 MiB sampled from the file, see `formats.FINGERPRINT_SCHEME`), which `data.load_prepared` checks, and
+the stored image sizes ("image": largest_side, most_common_side, smallest_side).
+
+Images: raw datasets are stored at a square side (--resolution); JPEG datasets with their longest side at
+most --max-side, resized here (never by FFCV, whose resizer makes a 0 px side of very elongated images). An
+image that cannot be read, or whose stored sides would be under MIN_STORED_SIDE px, is a bad image: prepare
+stops and names it (file, list line, why), or skips it with --skip-bad and lists it in the manifest.
+
+Safe with folders: prepare writes only into a new or empty folder or over its own preparation (format.json
+marks it), never into a run folder or any other non-empty folder, even with --force. Re-running on a
+complete preparation with the same options does nothing (quickly); replacing a preparation (other options,
+another version, damaged) needs --force, and the message names what would be deleted. Atomic: everything is
+written into a hidden temporary folder beside --out and renamed at the end, so an interrupted run never
+leaves a folder that looks complete. A writer worker that dies ends the run with an error naming the item
+it was on (`dihn_dist.betonwriter`), never a hang.
+
+Errors end with one line and exit code 2 (bad input) or 1 (a failure while writing); --debug adds the
+traceback.
 """
 from __future__ import annotations
 
@@ -28,17 +48,28 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import numpy as np
 from loguru import logger
 
 from . import __version__
-from .datasets import DATASETS, SourceDataset, SourcePart, first_rows_per_class, open_dataset
-from .formats import MANIFEST, PREPARED_FORMAT, PREPARED_FORMAT_VERSION, is_incremental
+from .betonwriter import ITEM_DIGEST_SCHEME, StoredItems, WorkerTable, WriterWorkerDied, read_back, watched_write
+from .datasets import DATASETS, BadImageError, SourceDataset, SourcePart, first_rows_per_class, open_dataset
+from .errors import debug_requested, run_command
+from .formats import (FINGERPRINT_SCHEME, FOLDER_MARKER, MANIFEST, PREPARED_FORMAT, PREPARED_FORMAT_VERSION,
+                      PREPARED_MARKER, PREPARED_V1_FILES, RUN_FORMAT, file_fingerprint, folder_kind, is_incremental,
+                      listed_file_problem, prepare_command, read_json_object)
 
 DEFAULT_MAX_SIDE = 256
 JPEG_QUALITY = 90
+# The smallest stored image side: below it an image carries no usable content (and resizing to a 0 px side
+# makes OpenCV abort). Tiny images, and images too elongated to keep this short side once their longest
+# side is brought to --max-side, are bad images.
+MIN_STORED_SIDE = 4
+ITEM_DIGEST_FILES = {"query": "query_item_digests.npy", "database": "database_item_digests.npy"}
+# Every file a preparation of this version holds; a prepared folder holding anything else is not replaced.
+PREPARED_FILES = PREPARED_V1_FILES | {FOLDER_MARKER, *ITEM_DIGEST_FILES.values()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -51,24 +82,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, help="source folder (fashion-mnist: optional, default "
                         "/usr/share/datasets/fashion-mnist; image-list: folder the listed paths are relative to, "
                         "default each list's own folder)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder: new, empty, or a preparation "
+                        "(never a run folder or another non-empty folder)")
     parser.add_argument("--num-seen", type=int, help="number of original classes (0..K-1); default: 7 for "
                         "fashion-mnist and cifar-10, 18 for nus-wide-tc21; required for image-list")
     parser.add_argument("--resolution", type=int, help="raw datasets (fashion-mnist, cifar-10): stored side in "
-                        "pixels (default: native, 28 / 32)")
+                        f"pixels, at least {MIN_STORED_SIDE} (default: native, 28 / 32)")
     parser.add_argument("--max-side", type=int, help=f"JPEG datasets (nus-wide-tc21, image-list): longest stored "
-                        f"side in pixels (default {DEFAULT_MAX_SIDE})")
+                        f"side in pixels, at least {MIN_STORED_SIDE} (default {DEFAULT_MAX_SIDE})")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="writer processes (default: the CPUs this process may use)")
     parser.add_argument("--skip-bad", action="store_true",
-                        help="skip unreadable images (listed in the manifest) instead of failing")
-    parser.add_argument("--force", action="store_true", help="rebuild even if --out is complete")
+                        help=f"skip bad images (unreadable, or a stored side under {MIN_STORED_SIDE} px; listed in "
+                             f"the manifest) instead of failing")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if --out is complete; replace a preparation made with other options")
     parser.add_argument("--database-per-class", type=int,
                         help="keep only the first K database items of each class (by first label); default all")
     parser.add_argument("--query-per-class", type=int,
                         help="keep only the first K query items of each class (by first label); default all")
     parser.add_argument("--database-list", type=Path, help="image-list: database list file")
     parser.add_argument("--query-list", type=Path, help="image-list: query list file")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     return parser.parse_args(argv)
 
 
@@ -82,6 +117,11 @@ def available_cpus() -> int:
 def check_positive(value: Optional[int], flag: str) -> None:
     if value is not None and value < 1:
         raise ValueError(f"{flag}: expected a positive integer, got {value}")
+
+
+def check_side(value: Optional[int], flag: str) -> None:
+    if value is not None and value < MIN_STORED_SIDE:
+        raise ValueError(f"{flag}: expected at least {MIN_STORED_SIDE} pixels, got {value}")
 
 
 def output_request(args: argparse.Namespace) -> Dict[str, object]:
@@ -154,32 +194,39 @@ def resolve_num_seen(dataset: SourceDataset, requested: Optional[int]) -> int:
 class WriterItems:
     """What FFCV's writer workers index: (image HxWx3 uint8, labels (L,) uint8, position).
 
-    A worker that raises leaves FFCV's writer waiting forever, so failures are caught here and flagged in
-    shared memory; after the first failure (unless skipping) the remaining items are served as placeholders so
-    the pass ends quickly, and the main process reports the first bad image."""
+    Images are brought to their stored size here (raw: the square `side`; JPEG: the longest side at most
+    `max_side`), so FFCV's own resizer never runs. An image that cannot be read, or would be stored with a
+    side under MIN_STORED_SIDE, is bad: it is flagged in shared memory and served as a placeholder; after the
+    first bad image (unless skipping) every remaining item is a placeholder so the pass ends quickly, and the
+    main process reports the first bad image. Each call records its position in `workers`, so the item a
+    dying worker was on can be named."""
 
-    def __init__(self, part: SourcePart, rows: np.ndarray, side: Optional[int], stop_on_bad: bool):
+    def __init__(self, part: SourcePart, rows: np.ndarray, side: Optional[int], max_side: Optional[int],
+                 stop_on_bad: bool, num_workers: int):
         self.images = part.images
         self.rows = rows
         self.labels = part.labels[rows]
         self.side = side
+        self.max_side = max_side
         self.stop_on_bad = stop_on_bad
         self.bad = multiprocessing.RawArray(ctypes.c_uint8, max(len(rows), 1))
         self.abort = multiprocessing.RawValue(ctypes.c_uint8, 0)
+        self.workers = WorkerTable(num_workers)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def describe(self, position: int) -> str:
+        return self.images.describe(int(self.rows[position]))
+
     def load_image(self, position: int) -> np.ndarray:
         image = self.images.load(int(self.rows[position]))
-        if self.side is not None and image.shape[:2] != (self.side, self.side):
-            import cv2
-            shrinking = image.shape[0] > self.side
-            image = cv2.resize(image, (self.side, self.side),
-                               interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-        return image
+        if self.side is not None:
+            return resize_square(image, self.side)
+        return fit_max_side(image, self.max_side, self.describe(position))
 
     def __getitem__(self, position: int):
+        self.workers.record(position)
         placeholder = np.zeros((8, 8, 3), dtype=np.uint8)
         if self.abort.value:
             return placeholder, self.labels[position], position
@@ -196,8 +243,41 @@ class WriterItems:
         return np.flatnonzero(np.frombuffer(self.bad, dtype=np.uint8)[:len(self.rows)])
 
 
+def resize_square(image: np.ndarray, side: int) -> np.ndarray:
+    if image.shape[:2] == (side, side):
+        return image
+    import cv2
+    shrinking = image.shape[0] > side
+    return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def stored_shape(height: int, width: int, max_side: int) -> tuple:
+    """(height, width) once the longest side is at most max_side (never enlarged), rounded to pixels."""
+    scale = min(1.0, max_side / max(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def fit_max_side(image: np.ndarray, max_side: int, what: str) -> np.ndarray:
+    """The image with its longest side at most max_side; BadImageError if a side would be under MIN_STORED_SIDE."""
+    height, width = image.shape[:2]
+    new_height, new_width = stored_shape(height, width, max_side)
+    short = min(new_height, new_width)
+    if short < MIN_STORED_SIDE:
+        scaled = (new_height, new_width) != (height, width)
+        raise BadImageError(f"image {what}: {width} x {height} px: "
+                            + (f"at --max-side {max_side} its short side would be {short} px" if scaled
+                               else f"its short side is {short} px")
+                            + f"; images need both sides >= {MIN_STORED_SIDE} px once the longest is at most "
+                              f"--max-side (a tiny image or an extreme aspect ratio)")
+    if (new_height, new_width) == (height, width):
+        return image
+    import cv2
+    return cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_AREA)
+
+
 def beton_fields(storage: str, num_classes: int, max_side: Optional[int]):
     from ffcv.fields import IntField, NDArrayField, RGBImageField
+    # WriterItems already resized every JPEG-stored image to max_side, so FFCV's resizer keeps them as they are.
     image_field = (RGBImageField(write_mode="raw") if storage == "raw"
                    else RGBImageField(write_mode="jpg", max_resolution=max_side, jpeg_quality=JPEG_QUALITY))
     return {"image": image_field, "labels": NDArrayField(np.dtype("uint8"), (num_classes,)), "index": IntField()}
@@ -212,16 +292,23 @@ def page_size_for(largest_image_bytes: int) -> int:
 
 
 def write_beton(path: Path, items: WriterItems, fields, num_workers: int, page_size: int) -> float:
+    """Write the items with FFCV's writer, watched: a dying worker raises WriterWorkerDied naming its item."""
     from ffcv.writer import DatasetWriter
     start = time.perf_counter()
     writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=num_workers)
-    writer.from_indexed_dataset(items, chunksize=max(1, min(100, len(items) // (4 * num_workers) or 1)))
+    try:
+        watched_write(writer, items, items.workers, lambda position: f"{path.stem} item {position} of "
+                                                                     f"{len(items)}: {items.describe(position)}",
+                      path.name, chunksize=max(1, min(100, len(items) // (4 * num_workers) or 1)))
+    except WriterWorkerDied as died:   # the temporary folder is removed on the way out: say so
+        raise WriterWorkerDied(f"{died}; nothing was written to --out") from died
     return time.perf_counter() - start
 
 
 def write_part(folder: Path, name: str, dataset: SourceDataset, rows: np.ndarray, args, side, max_side) -> np.ndarray:
-    """Write <name>.beton for these source rows; returns the rows that could not be read (empty if none)."""
-    items = WriterItems(getattr(dataset, name), rows, side, stop_on_bad=not args.skip_bad)
+    """Write <name>.beton for these source rows; returns the rows of bad images (empty if none)."""
+    items = WriterItems(getattr(dataset, name), rows, side, max_side, stop_on_bad=not args.skip_bad,
+                        num_workers=args.num_workers)
     largest = 3 * (side or max_side) ** 2
     logger.info(f"writing {name}.beton: {len(rows):,} images with {args.num_workers} worker(s)")
     elapsed = write_beton(folder / f"{name}.beton", items, beton_fields(dataset.storage, dataset.num_classes,
@@ -238,13 +325,12 @@ def raise_first_bad(items: WriterItems, position: int) -> None:
     try:
         items.load_image(position)
     except Exception as error:
-        raise ValueError(f"{error} (pass --skip-bad to skip unreadable images)") from error
-    raise ValueError(f"{items.images.describe(int(items.rows[position]))} failed while writing but reads fine "
-                     f"now; rerun")
+        raise ValueError(f"{error} (pass --skip-bad to skip bad images)") from error
+    raise ValueError(f"{items.describe(position)} failed while writing but reads fine now; rerun")
 
 
 def write_parts_skipping_bad(folder: Path, dataset: SourceDataset, num_seen: int, args, side, max_side):
-    """Write both betons; with --skip-bad, drop unreadable images and rewrite the part without them."""
+    """Write both betons; with --skip-bad, drop bad images and rewrite the part without them."""
     excluded: Dict[str, Set[int]] = {"query": set(), "database": set()}
     while True:
         split = make_split(dataset, num_seen, args.database_per_class, args.query_per_class,
@@ -257,9 +343,21 @@ def write_parts_skipping_bad(folder: Path, dataset: SourceDataset, num_seen: int
         if not newly_bad:
             return split, excluded
         for name, bad in newly_bad.items():
-            logger.warning(f"{name}: skipping {len(bad)} unreadable image(s), first "
+            logger.warning(f"{name}: skipping {len(bad)} bad image(s), first "
                            f"{getattr(dataset, name).images.describe(int(bad[0]))}; rewriting")
             excluded[name].update(int(r) for r in bad)
+
+
+def read_back_parts(folder: Path, dataset: SourceDataset, split: "Split") -> Dict[str, StoredItems]:
+    """Read every stored item back (checked against what was written), save the per-item digests."""
+    stored = {}
+    for name, rows in (("query", split.query_rows), ("database", split.database_rows)):
+        start = time.perf_counter()
+        stored[name] = read_back(folder / f"{name}.beton", getattr(dataset, name).labels[rows])
+        np.save(folder / ITEM_DIGEST_FILES[name], stored[name].digests)
+        logger.info(f"{name}.beton: {len(rows):,} items read back and digested in "
+                    f"{time.perf_counter() - start:.2f} s")
+    return stored
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,20 +376,42 @@ def class_counts(labels: np.ndarray) -> Dict[str, object]:
     return {"total": int(len(labels)), "per_class": [int(c) for c in labels.sum(axis=0)]}
 
 
-def image_description(dataset: SourceDataset, side: Optional[int], max_side: Optional[int]) -> Dict[str, object]:
+def stored_image_sizes(stored: Dict[str, StoredItems]) -> Dict[str, int]:
+    """Over query and database: the largest longest side, the most common longest side (ties: the larger)
+    and the smallest short side of the stored images, in pixels."""
+    heights = np.concatenate([items.heights for items in stored.values()])
+    widths = np.concatenate([items.widths for items in stored.values()])
+    longest = np.maximum(heights, widths)
+    sides, counts = np.unique(longest, return_counts=True)
+    return {"largest_side": int(longest.max()), "most_common_side": int(sides[counts == counts.max()].max()),
+            "smallest_side": int(np.minimum(heights, widths).min())}
+
+
+def image_description(dataset: SourceDataset, side: Optional[int], max_side: Optional[int],
+                      stored: Dict[str, StoredItems]) -> Dict[str, object]:
+    sizes = stored_image_sizes(stored)
     if dataset.storage == "raw":
         native = dataset.database.images.native_size
         return {"storage": "raw", "channels": 3, "height": side, "width": side,
-                "source_height": native[0], "source_width": native[1]}
-    return {"storage": "jpeg", "channels": 3, "max_side": max_side, "jpeg_quality": JPEG_QUALITY}
+                "source_height": native[0], "source_width": native[1], **sizes}
+    return {"storage": "jpeg", "channels": 3, "max_side": max_side, "min_side": MIN_STORED_SIDE,
+            "jpeg_quality": JPEG_QUALITY, **sizes}
+
+
+def listed_files(folder: Path) -> Dict[str, Dict[str, object]]:
+    """Every file of the folder (the manifest excepted): its size and fingerprint."""
+    return {path.name: {"bytes": path.stat().st_size, "fingerprint": file_fingerprint(path)}
+            for path in sorted(folder.iterdir()) if path.name != MANIFEST}
 
 
 def build_manifest(dataset: SourceDataset, split: Split, num_seen: int, excluded: Dict[str, Set[int]],
-                   args, side, max_side, files: Dict[str, int]) -> Dict[str, object]:
+                   args, side, max_side, stored: Dict[str, StoredItems],
+                   files: Dict[str, Dict[str, object]]) -> Dict[str, object]:
     database_labels = dataset.database.labels[split.database_rows]
     query_labels = dataset.query.labels[split.query_rows]
     skipped = {name: [getattr(dataset, name).images.describe(r) for r in sorted(rows)]
                for name, rows in excluded.items()}
+    request = output_request(args)
     return {
         "format": PREPARED_FORMAT, "format_version": PREPARED_FORMAT_VERSION, "dihn_dist_version": __version__,
         "dataset": dataset.name,
@@ -306,35 +426,113 @@ def build_manifest(dataset: SourceDataset, split: Split, num_seen: int, excluded
         "counts": {"query": class_counts(query_labels), "database": class_counts(database_labels),
                    "database_original": class_counts(database_labels[:split.num_original]),
                    "database_incremental": class_counts(database_labels[split.num_original:])},
-        "image": image_description(dataset, side, max_side),
+        "image": image_description(dataset, side, max_side, stored),
         "skipped_bad": {"query": len(skipped["query"]), "database": len(skipped["database"]), "images": skipped},
         "sources": [{"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256_of(path)}
                     for path in dataset.source_files],
         "source_index": {"query": "query_source_index.npy", "database": "database_source_index.npy"},
-        "request": output_request(args),
+        "item_digests": {**ITEM_DIGEST_FILES, "scheme": ITEM_DIGEST_SCHEME},
+        "request": request,
+        "command": prepare_command(request, args.out.resolve()),
         "files": files,
+        "fingerprint": FINGERPRINT_SCHEME,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Atomic output folder
+# What --out holds, and whether prepare may replace it
 
 
-def read_complete_manifest(out: Path) -> Optional[Dict[str, object]]:
-    """The manifest of a complete preparation in `out`, else None (missing, foreign or files missing)."""
-    try:
+def size_text(size: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:,} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def contents_text(folder: Path) -> str:
+    """'N files, S: a (s), b (s), ...': what deleting the folder deletes."""
+    files = sorted((path for path in folder.rglob("*") if path.is_file()), key=lambda path: str(path))
+    sizes = [path.stat().st_size for path in files]
+    listing = ", ".join(f"{path.relative_to(folder)} ({size_text(size)})" for path, size in zip(files, sizes))
+    return f"{len(files)} files, {size_text(sum(sizes))}: {listing}"
+
+
+def foreign_entries(out: Path) -> List[str]:
+    """Entries of a prepared folder that no preparation writes (a preparation is replaced whole)."""
+    manifest = read_json_object(out / MANIFEST) or {}
+    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    known = PREPARED_FILES | set(listed)
+    return sorted(entry.name + ("/" if entry.is_dir() else "") for entry in out.iterdir()
+                  if entry.name not in known or not entry.is_file())
+
+
+def preparation_problem(out: Path, request: Dict[str, object]) -> Optional[str]:
+    """Why the preparation in `out` is not this very one, complete and intact (None when it is)."""
+    manifest = read_json_object(out / MANIFEST)
+    if manifest is None or manifest.get("format") != PREPARED_FORMAT:
+        return f"without a readable {MANIFEST}"
+    version = manifest.get("format_version")
+    if version != PREPARED_FORMAT_VERSION:
+        return f"made by another dihn_dist version (format_version {version}; this one writes {PREPARED_FORMAT_VERSION})"
+    stored = manifest.get("request") if isinstance(manifest.get("request"), dict) else {}
+    differences = {key: (stored.get(key), value) for key, value in request.items() if stored.get(key) != value}
+    if differences:
+        listing = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
+        return f"made with other options ({listing})"
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    for name, entry in files.items():
+        problem = listed_file_problem(out / name, entry)
+        if problem is not None:
+            return f"that is damaged ({name}: {problem})"
+    return None
+
+
+def refuse_foreign_out(out: Path) -> None:
+    """prepare writes only into a new or empty folder or over a preparation: never a run, never anything else."""
+    kind = folder_kind(out)
+    if kind == "run":
+        raise ValueError(f"--out {out} is a training run folder ({FOLDER_MARKER} says {RUN_FORMAT['format']!r}: its "
+                         f"checkpoints, codes and models); prepare never writes into a run folder, even with "
+                         f"--force: choose another --out for the prepared data")
+    if kind == "other" and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder; choose another --out")
+    if kind == "other":
+        raise ValueError(f"--out {out}: the folder is not empty and is not a dihn_dist preparation (it has no "
+                         f"{FOLDER_MARKER} saying {PREPARED_FORMAT!r}); prepare writes only into a new or empty "
+                         f"folder or over its own preparation, even with --force: empty it or choose another --out")
+    if kind == "prepared":
+        foreign = foreign_entries(out)
+        if foreign:
+            raise ValueError(f"--out {out} holds a preparation and also {', '.join(foreign)}, which no preparation "
+                             f"writes; prepare replaces a preparation whole, so it will not: move "
+                             f"{'it' if len(foreign) == 1 else 'them'} out or choose another --out")
+
+
+def out_is_done(out: Path, args) -> bool:
+    """True when `out` already holds this very preparation (nothing to do); False when prepare may write it
+    (new, empty, or a preparation --force lets it replace); raises ValueError otherwise."""
+    refuse_foreign_out(out)
+    if folder_kind(out) != "prepared":
+        return False
+    problem = preparation_problem(out, output_request(args))
+    if problem is None and not args.force:
         manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT:
-        return None
-    files = manifest.get("files", {})
-    for name, size in files.items():
-        path = out / name
-        if not path.is_file() or path.stat().st_size != size:
-            return None
-    return manifest
+        logger.info(f"{out} is complete ({manifest['dataset']}, {manifest['num_database']:,} database / "
+                    f"{manifest['num_query']:,} query images); nothing to do (--force rebuilds)")
+        return True
+    if not args.force:
+        raise ValueError(f"--out {out} holds a preparation {problem}; pass --force to replace it, which deletes "
+                         f"its {contents_text(out)}; or choose another --out")
+    logger.warning(f"--force: the preparation in {out} ({problem or 'complete, same options'}) will be replaced "
+                   f"once the new one is complete, deleting its {contents_text(out)}")
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic output folder
 
 
 def temporary_folder(out: Path) -> Path:
@@ -353,20 +551,14 @@ def remove_stale_partials(out: Path) -> None:
             continue
 
 
-def check_replaceable(out: Path) -> None:
-    """Only an empty folder or an earlier preparation (complete or not) may be replaced."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
-    is_ours = (out / MANIFEST).is_file()
-    if any(out.iterdir()) and not is_ours:
-        raise ValueError(f"--out {out}: the folder exists, is not empty and holds no {MANIFEST} of a dihn_dist "
-                         f"preparation; remove it or choose another --out")
+def write_marker(folder: Path) -> None:
+    (folder / FOLDER_MARKER).write_text(json.dumps(PREPARED_MARKER) + "\n")
 
 
 def publish(temporary: Path, out: Path) -> None:
-    """Rename the finished temporary folder to `out` (replacing an old preparation)."""
+    """Rename the finished temporary folder to `out` (replacing an old preparation). `out` is checked again
+    first: hours may have passed, and nothing but a preparation (or an empty folder) may be replaced."""
+    refuse_foreign_out(out)
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
@@ -399,8 +591,10 @@ def stored_sizes(dataset: SourceDataset, args) -> tuple:
 
 
 def check_flags(args) -> None:
-    for flag in ("num_seen", "resolution", "max_side", "num_workers", "database_per_class", "query_per_class"):
+    for flag in ("num_seen", "num_workers", "database_per_class", "query_per_class"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    for flag in ("resolution", "max_side"):
+        check_side(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.num_workers is None:
         args.num_workers = available_cpus()
 
@@ -408,18 +602,8 @@ def check_flags(args) -> None:
 def prepare(args: argparse.Namespace) -> Path:
     out: Path = args.out
     check_flags(args)
-    existing = None if args.force else read_complete_manifest(out)
-    if existing is not None:
-        if existing.get("request") != output_request(args):
-            differences = {k: (existing.get("request", {}).get(k), v) for k, v in output_request(args).items()
-                           if existing.get("request", {}).get(k) != v}
-            raise ValueError(f"--out {out} holds a complete preparation made with other options "
-                             f"(option: (stored, requested) = {differences}); pass --force to rebuild it or "
-                             f"choose another --out")
-        logger.info(f"{out} is complete ({existing['dataset']}, {existing['num_database']:,} database / "
-                    f"{existing['num_query']:,} query images); nothing to do (--force rebuilds)")
+    if out_is_done(out, args):
         return out
-    check_replaceable(out)
     dataset = open_dataset(args.dataset, args.root, database_list=args.database_list,
                            query_list=args.query_list, max_side=args.max_side or DEFAULT_MAX_SIDE)
     num_seen = resolve_num_seen(dataset, args.num_seen)
@@ -430,6 +614,7 @@ def prepare(args: argparse.Namespace) -> Path:
     temporary = temporary_folder(out)
     temporary.mkdir()
     try:
+        write_marker(temporary)
         write_all(temporary, dataset, num_seen, args, side, max_side)
         publish(temporary, out)
     except BaseException:
@@ -442,13 +627,13 @@ def prepare(args: argparse.Namespace) -> Path:
 def write_all(folder: Path, dataset: SourceDataset, num_seen: int, args, side, max_side) -> None:
     start = time.perf_counter()
     split, excluded = write_parts_skipping_bad(folder, dataset, num_seen, args, side, max_side)
+    stored = read_back_parts(folder, dataset, split)
     np.save(folder / "database_labels.npy", dataset.database.labels[split.database_rows].astype(np.uint8))
     np.save(folder / "query_labels.npy", dataset.query.labels[split.query_rows].astype(np.uint8))
     np.save(folder / "database_source_index.npy", split.database_rows.astype(np.int64))
     np.save(folder / "query_source_index.npy", split.query_rows.astype(np.int64))
     fsync_folder_files(folder)
-    files = {path.name: path.stat().st_size for path in sorted(folder.iterdir())}
-    manifest = build_manifest(dataset, split, num_seen, excluded, args, side, max_side, files)
+    manifest = build_manifest(dataset, split, num_seen, excluded, args, side, max_side, stored, listed_files(folder))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     total = len(split.query_rows) + len(split.database_rows)
     elapsed = time.perf_counter() - start
@@ -457,13 +642,14 @@ def write_all(folder: Path, dataset: SourceDataset, num_seen: int, args, side, m
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: exit 0, or one line on stderr and exit 2 (bad input) / 1 (a failure while writing)."""
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         prepare(args)
-    except (ValueError, FileNotFoundError) as error:
-        logger.error(str(error))
-        return 2
-    return 0
+        return 0
+
+    return run_command(body, debug=args.debug or debug_requested(argv))
 
 
 if __name__ == "__main__":

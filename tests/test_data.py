@@ -101,7 +101,7 @@ def test_load_prepared(tiny_prepared):
     data = load_prepared(tiny_prepared)
     assert (data.num_database, data.num_query, data.num_classes) == (600, 100, 10)
     assert (data.num_original, data.num_seen, data.dataset) == (420, 7, "fashion-mnist")
-    assert (data.image_size, data.image_storage) == (28, "raw")
+    assert (data.image_size, data.max_side, data.largest_side, data.image_storage) == (28, 28, 28, "raw")
     assert data.database_labels.shape == (600, 10) and data.database_labels.dtype == np.uint8
 
 

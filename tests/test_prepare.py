@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import pickle
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -12,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from loguru import logger
 from PIL import Image
 
 from dihn_dist import prepare as prepare_module
 from dihn_dist.data import eval_batches, load_prepared
 from dihn_dist.datasets import FASHION_MNIST_ROOT, load_fashion_mnist
+from dihn_dist.formats import PREPARED_V1_FILES, RUN_FORMAT, file_fingerprint, folder_kind
 from dihn_dist.prepare import parse_args, prepare
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
@@ -64,8 +65,15 @@ def check_protocol(folder: Path, source_database_labels: np.ndarray, source_quer
     assert manifest["counts"]["database_original"]["per_class"] == data.database_labels[:num_original].sum(0).tolist()
     assert manifest["counts"]["query"]["per_class"] == data.query_labels.sum(axis=0).tolist()
     assert manifest["num_incremental"] == manifest["num_database"] - num_original > 0
-    for name, size in manifest["files"].items():
-        assert (folder / name).stat().st_size == size
+    listed = set(manifest["files"]) | {"manifest.json"}
+    assert {path.name for path in folder.iterdir()} == listed
+    for name, entry in manifest["files"].items():
+        assert (folder / name).stat().st_size == entry["bytes"]
+        assert file_fingerprint(folder / name) == entry["fingerprint"]
+    assert folder_kind(folder) == "prepared"
+    for part, count in (("query", manifest["num_query"]), ("database", manifest["num_database"])):
+        digests = np.load(folder / manifest["item_digests"][part])
+        assert digests.shape == (count, 16) and digests.dtype == np.uint8
     return manifest
 
 
@@ -83,7 +91,8 @@ def test_fashion_mnist_protocol(tiny_prepared, fashion):
     assert (manifest["num_database"], manifest["num_original"], manifest["num_query"]) == (600, 420, 100)
     assert manifest["num_seen"] == 7 and len(manifest["class_names"]) == manifest["num_classes"] == 10
     assert manifest["image"] == {"storage": "raw", "channels": 3, "height": 28, "width": 28,
-                                 "source_height": 28, "source_width": 28}
+                                 "source_height": 28, "source_width": 28,
+                                 "largest_side": 28, "most_common_side": 28, "smallest_side": 28}
     train_classes = fashion.database.labels.argmax(1)
     test_classes = fashion.query.labels.argmax(1)
     expected_database = np.concatenate([np.sort(np.concatenate([np.flatnonzero(train_classes == c)[:60]
@@ -169,14 +178,51 @@ def test_num_seen_out_of_range_and_empty_parts(tmp_path):
     assert_nothing_written(out)
 
 
-def test_cli_reports_errors_with_exit_code(tmp_path):
-    messages = []
-    sink = logger.add(messages.append, level="ERROR")
-    try:
-        code = prepare_module.main(["--dataset", "cifar-10", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
-    finally:
-        logger.remove(sink)
-    assert code == 2 and "cifar-10-batches-py" in "".join(messages)
+def test_cli_reports_errors_with_exit_code(tmp_path, capsys):
+    code = prepare_module.main(["--dataset", "cifar-10", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and lines[-1].startswith("error: cifar-10: ") and "cifar-10-batches-py" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+    code = prepare_module.main(["--dataset", "cifar-10", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
+                                "--debug"])
+    assert code == 2 and "Traceback" in capsys.readouterr().err
+
+
+def test_item_digests_are_the_stored_pixels_and_labels(tiny_prepared, fashion):
+    """Raw storage: item i's digest is recomputable from the source pixels (see betonwriter.ITEM_DIGEST_SCHEME)."""
+    digests = np.load(tiny_prepared / "database_item_digests.npy")
+    rows = np.load(tiny_prepared / "database_source_index.npy")
+    labels = np.load(tiny_prepared / "database_labels.npy")
+    header = np.array([(1, 28, 28)], dtype=[("mode", "u1"), ("height", "<u2"), ("width", "<u2")]).tobytes()
+    for position in (0, 419, 420, 599):
+        pixels = np.repeat(fashion.database.images.pixels[rows[position]][:, :, None], 3, axis=2)
+        expected = hashlib.blake2b(header + pixels.tobytes() + labels[position].tobytes(), digest_size=16)
+        assert digests[position].tobytes() == expected.digest()
+    assert len({row.tobytes() for row in digests}) == len(digests)
+
+
+def test_folder_kind(tiny_prepared, tmp_path):
+    assert folder_kind(tmp_path / "nowhere") == "missing"
+    assert folder_kind(tmp_path) == "empty"
+    assert folder_kind(tiny_prepared) == "prepared"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "format.json").write_text(json.dumps(RUN_FORMAT))
+    (tmp_path / "run" / "manifest.json").write_text((tiny_prepared / "manifest.json").read_text())
+    assert folder_kind(tmp_path / "run") == "run"
+    (tmp_path / "run" / "format.json").write_text("{not json")
+    assert folder_kind(tmp_path / "run") == "other"
+    (tmp_path / "file").write_text("x")
+    assert folder_kind(tmp_path / "file") == "other"
+    # A preparation of format version 1 had no marker: recognised only when it holds exactly its files.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in PREPARED_V1_FILES:
+        shutil.copy(tiny_prepared / name, legacy / name)
+    manifest = json.loads((legacy / "manifest.json").read_text())
+    (legacy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    assert folder_kind(legacy) == "prepared"
+    (legacy / "notes.txt").write_text("x")
+    assert folder_kind(legacy) == "other"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,3 +437,31 @@ def test_corrupt_image_fails_or_is_skipped(tmp_path, fashion):
     assert manifest["num_database"] == 7 and manifest["skipped_bad"]["database"] == 1
     assert "db.txt line 5" in manifest["skipped_bad"]["images"]["database"][0]
     assert 4 not in np.load(out / "database_source_index.npy")
+
+
+def test_small_images_record_their_own_size(tmp_path, fashion):
+    """56 px mosaics stored as JPEG with --max-side 256 (the default) stay 56 px: the manifest and
+    PreparedData.image_size (the trainer's default resolution) say 56, not 256."""
+    rng = np.random.default_rng(7)
+    write_mosaics(tmp_path, "db", fashion, rng, 6, 2)
+    write_mosaics(tmp_path, "q", fashion, rng, 3, 1)
+    out = run("--dataset", "image-list", "--database-list", tmp_path / "db.txt", "--query-list", tmp_path / "q.txt",
+              "--num-seen", "7", "--out", tmp_path / "out")
+    image = manifest_of(out)["image"]
+    assert (image["max_side"], image["largest_side"], image["most_common_side"], image["smallest_side"]) == \
+        (256, 56, 56, 56)
+    data = load_prepared(out)
+    assert (data.image_size, data.max_side, data.largest_side) == (56, 256, 56)
+
+
+def test_jpeg_images_are_resized_to_max_side_by_prepare(tmp_path):
+    """Longest side brought to --max-side by WriterItems (FFCV's resizer never runs); the most common longest
+    side is --max-side when most images are larger."""
+    root = tmp_path / "nus"
+    write_nus_wide(root, np.random.default_rng(8), database=9, query=3)
+    out = run("--dataset", "nus-wide-tc21", "--root", root, "--out", tmp_path / "out", "--max-side", "32")
+    from ffcv.reader import Reader
+    reader = Reader(str(out / "database.beton"))
+    metadata = reader.metadata[f"f{reader.field_names.index('image')}"]
+    assert np.maximum(metadata["height"], metadata["width"]).tolist() == [32] * 9
+    assert load_prepared(out).image_size == 32

@@ -1,0 +1,319 @@
+"""Writing a .beton with FFCV's DatasetWriter so that no writer worker can make it wait forever, and reading
+every stored item back (per-item digests, stored image sizes, a check of what was written).
+
+Watched writes. FFCV's DatasetWriter forks worker processes and then waits for a shared counter of finished
+items, and for one message per worker, without ever looking at the workers: a worker that dies (an
+exception in an encoder, a kill, the out-of-memory killer) leaves it waiting forever at 0% CPU, and the
+other workers spin forever too, waiting for the dead one's page. `watched_write` runs the same writer, but
+keeps the worker Process objects and checks them at every point where the writer waits: a worker that
+exits with a non-zero code, or no worker making progress for `stall_seconds`, stops the other workers,
+frees FFCV's shared memory and raises WriterWorkerDied, naming the item the worker was on (a WorkerTable
+in shared memory, filled by the dataset's __getitem__, says which item each worker took last).
+
+Per-item digests. `read_back` reads every stored item of a finished .beton through FFCV's Reader (the
+per-sample metadata and the allocation table) and a memory map of the file: item i's digest is the 16-byte
+BLAKE2b (hashlib.blake2b, digest_size=16) of, in order, its image's FFCV metadata as stored (mode: 1 byte,
+0 JPEG / 1 raw; height and width: uint16 little-endian each), the stored image bytes (the JPEG file or the
+raw HxWx3 pixels, exactly as in the .beton) and its stored label row (uint8, one byte per class). Equal
+digests mean identical stored items, so one preparation's database is a prefix of another's exactly when
+its digests are the other's first rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import mmap
+import multiprocessing
+import multiprocessing.queues
+import os
+import queue
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import numpy as np
+
+DIGEST_BYTES = 16
+ITEM_DIGEST_SCHEME = ("blake2b (16-byte digest) of the item's stored image metadata (mode: 1 byte, 0 = JPEG, "
+                      "1 = raw; height, width: uint16 little-endian), the stored image bytes (JPEG file or raw "
+                      "HxWx3 pixels, exactly as in the .beton) and the stored label row (uint8 per class)")
+WORKER_STALL_SECONDS = 600.0   # no writer worker taking a new item for this long: it is stuck, not slow
+QUEUE_POLL_SECONDS = 0.2
+
+
+class WriterWorkerDied(RuntimeError):
+    """A writer worker died (or all of them stalled): the message names the worker and its item."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which item each worker took last
+
+
+class WorkerTable:
+    """(pid, position) of the item each writer worker took last, in shared memory.
+
+    Each worker claims a slot on its first `record` (workers are forked copies, so the claimed slot is
+    remembered per process); the parent reads the table to name the item of a worker that died."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(capacity, 1)
+        self.rows = multiprocessing.RawArray(ctypes.c_int64, 2 * self.capacity)   # pid, position; pid 0 = free
+        self.claimed = multiprocessing.Value(ctypes.c_int64, 0)
+        self.slot_owner = 0
+        self.slot = -1
+
+    def record(self, position: int) -> None:
+        pid = os.getpid()
+        if self.slot_owner != pid:
+            with self.claimed.get_lock():
+                self.slot = self.claimed.value
+                self.claimed.value += 1
+            self.slot_owner = pid
+        if self.slot < self.capacity:
+            self.rows[2 * self.slot + 1] = position
+            self.rows[2 * self.slot] = pid
+
+    def position_of(self, pid: int) -> Optional[int]:
+        for slot in range(self.capacity):
+            if self.rows[2 * slot] == pid:
+                return int(self.rows[2 * slot + 1])
+        return None
+
+    def snapshot(self) -> tuple:
+        return tuple(self.rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The watched write
+
+
+class WatchedQueue(multiprocessing.queues.Queue):
+    """A multiprocessing Queue whose blocking get() in the creating process checks the workers every
+    QUEUE_POLL_SECONDS instead of waiting forever; in the (forked) workers it is an ordinary queue."""
+
+    def __init__(self, watch: "WorkerWatch"):
+        super().__init__(ctx=multiprocessing.get_context())
+        self.watch = watch
+        self.owner = os.getpid()
+
+    def get(self, block=True, timeout=None):
+        if not block or timeout is not None or os.getpid() != self.owner:
+            return super().get(block, timeout)
+        while True:
+            try:
+                return super().get(timeout=QUEUE_POLL_SECONDS)
+            except queue.Empty:
+                self.watch.check()
+
+
+class WorkerWatch:
+    """Stands in for the Process, Queue and sleep of FFCV's writer during one write, and checks its workers."""
+
+    def __init__(self, table: WorkerTable, describe: Callable[[int], str], what: str, stall_seconds: float):
+        self.table = table
+        self.describe = describe
+        self.what = what
+        self.stall_seconds = stall_seconds
+        self.owner = os.getpid()
+        self.processes: List[multiprocessing.Process] = []
+        self.queues: List[WatchedQueue] = []
+        self.progress = (table.snapshot(), time.monotonic())
+
+    def Process(self, *args, **kwargs) -> multiprocessing.Process:   # noqa: N802 - stands in for a class
+        process = multiprocessing.Process(*args, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def Queue(self) -> WatchedQueue:   # noqa: N802 - stands in for a class
+        watched = WatchedQueue(self)
+        self.queues.append(watched)
+        return watched
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+        self.check()
+
+    def check(self) -> None:
+        """Raise WriterWorkerDied if a worker exited with an error or none took an item for stall_seconds."""
+        if os.getpid() != self.owner:
+            return
+        for process in self.processes:
+            code = process.exitcode
+            if code not in (None, 0):
+                raise WriterWorkerDied(self.death_message(process.pid, code))
+        snapshot, since = self.progress
+        now = time.monotonic()
+        if self.table.snapshot() != snapshot:
+            self.progress = (self.table.snapshot(), now)
+        elif now - since > self.stall_seconds:
+            raise WriterWorkerDied(self.stall_message(now - since))
+
+    def death_message(self, pid: int, code: int) -> str:
+        if code > 0:
+            how = f"exited with code {code}" + (" (a Python exception: its traceback is printed above)"
+                                                 if code == 1 else "")
+        else:
+            name = signal_name(-code)
+            how = f"was killed by signal {name}" + (" (by a user, or by the system for lack of memory)"
+                                                    if -code == signal.SIGKILL else "")
+        return f"writing {self.what}: a writer worker (pid {pid}) {how} {self.last_item(pid)}; the other workers " \
+               f"were stopped"
+
+    def stall_message(self, seconds: float) -> str:
+        items = [self.last_item(process.pid) for process in self.processes if process.exitcode is None]
+        return f"writing {self.what}: no writer worker took a new item for {seconds:.0f} s ({'; '.join(items)}); " \
+               f"they were stopped"
+
+    def last_item(self, pid: int) -> str:
+        position = self.table.position_of(pid)
+        return "before it took an item" if position is None else f"while on {self.describe(position)}"
+
+    def stop_workers(self) -> None:
+        for process in self.processes:
+            if process.exitcode is None:
+                process.terminate()
+        deadline = time.monotonic() + 5
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                process.kill()
+                process.join(5)
+
+    def release_queues(self) -> None:
+        """Items left in a queue keep its feeder thread blocked; without this, interpreter exit would join it."""
+        for watched in self.queues:
+            watched.cancel_join_thread()
+            watched.close()
+
+    def reap_workers(self) -> None:
+        """After a complete write every worker has sent its last message and is exiting: wait for it."""
+        for process in self.processes:
+            process.join(10)
+            if process.exitcode is None:
+                process.terminate()
+                process.join(5)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+# FFCV 1.0.2's DatasetWriter._write_common starts its workers with the name Process of ffcv.writer, makes
+# its queues with the name Queue, and once the workers run waits in two places only: a loop that polls the
+# done counter with sleep(0.1), then one allocations_queue.get() per worker. During a watched write these
+# three names of ffcv.writer are replaced by a WorkerWatch's; this is all of FFCV's internals relied on.
+WATCHED_NAMES = ("Process", "Queue", "sleep")
+
+
+@contextlib.contextmanager
+def watched_names(watch: WorkerWatch) -> Iterator[None]:
+    import ffcv.writer
+    missing = [name for name in WATCHED_NAMES if not hasattr(ffcv.writer, name)]
+    if missing:
+        raise RuntimeError(f"ffcv.writer has no {', '.join(missing)}: this FFCV is not the 1.0.x dihn_dist was "
+                           f"written for (setup.cfg pins ffcv>=1.0.2,<1.1)")
+    saved = {name: getattr(ffcv.writer, name) for name in WATCHED_NAMES}
+    try:
+        for name in WATCHED_NAMES:
+            setattr(ffcv.writer, name, getattr(watch, name))
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(ffcv.writer, name, value)
+
+
+def watched_write(writer, dataset, table: WorkerTable, describe: Callable[[int], str], what: str, *,
+                  chunksize: int, stall_seconds: Optional[float] = None) -> None:
+    """writer.from_indexed_dataset(dataset), raising WriterWorkerDied instead of waiting on a dead worker.
+
+    `dataset.__getitem__` must call `table.record(position)`; `describe(position)` names an item;
+    `stall_seconds` defaults to WORKER_STALL_SECONDS."""
+    watch = WorkerWatch(table, describe, what, WORKER_STALL_SECONDS if stall_seconds is None else stall_seconds)
+    try:
+        with watched_names(watch):
+            writer.from_indexed_dataset(dataset, chunksize=chunksize)
+    except BaseException:
+        watch.stop_workers()
+        watch.release_queues()
+        free_shared_memory(writer)
+        sys.stderr.write("\n")   # FFCV's progress bar stays mid-line: let the error that follows start a line
+        raise
+    watch.reap_workers()
+
+
+def free_shared_memory(writer) -> None:
+    """The metadata block FFCV's writer allocates and frees only after a complete write."""
+    from multiprocessing.shared_memory import SharedMemory
+    block = getattr(writer, "metadata_sm", None)
+    if isinstance(block, SharedMemory):
+        block.close()
+        with contextlib.suppress(FileNotFoundError):
+            block.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading every stored item back
+
+
+@dataclass
+class StoredItems:
+    digests: np.ndarray   # (N, 16) uint8, see ITEM_DIGEST_SCHEME
+    heights: np.ndarray   # (N,) stored image heights in pixels
+    widths: np.ndarray    # (N,)
+
+
+def read_back(path: Path, expected_labels: np.ndarray) -> StoredItems:
+    """Every item of a .beton with fields image, labels, index, checked (index i at position i, the expected
+    label rows) and digested. Raises RuntimeError if the file does not hold what was written."""
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    count, width = expected_labels.shape
+    if int(reader.num_samples) != count:
+        raise RuntimeError(f"{path}: holds {int(reader.num_samples)} items, {count} were written")
+    fields = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+    image, label_pointers, index = fields["image"], fields["labels"], fields["index"]
+    if not np.array_equal(index, np.arange(count)):
+        raise RuntimeError(f"{path}: item positions are not stored in order (FFCV writer)")
+    image_sizes = allocation_sizes(reader.alloc_table, image["data_ptr"], path)
+    headers = np.zeros(count, dtype=np.dtype([("mode", "u1"), ("height", "<u2"), ("width", "<u2")]))
+    for key in ("mode", "height", "width"):
+        headers[key] = image[key]
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        stored = np.frombuffer(mapped, dtype=np.uint8)
+        labels = stored[label_pointers.astype(np.int64)[:, None] + np.arange(width)]
+        digests = digest_items(stored, headers, image["data_ptr"].astype(np.int64), image_sizes, labels)
+        del stored   # the memory map closes only once no array views it
+    bad = np.flatnonzero((labels != expected_labels).any(axis=1))
+    if len(bad):
+        raise RuntimeError(f"{path}: item {bad[0]} holds labels {labels[bad[0]].tolist()}, "
+                           f"{expected_labels[bad[0]].tolist()} were written")
+    return StoredItems(digests, image["height"].astype(np.int64), image["width"].astype(np.int64))
+
+
+def allocation_sizes(alloc_table: np.ndarray, pointers: np.ndarray, path: Path) -> np.ndarray:
+    """Size of the allocation starting at each pointer (FFCV's allocation table: sample_id, ptr, size)."""
+    table = np.sort(alloc_table, order="ptr")
+    at = np.minimum(np.searchsorted(table["ptr"], pointers), len(table) - 1)
+    if len(table) == 0 or not np.array_equal(table["ptr"][at], pointers):
+        raise RuntimeError(f"{path}: an image's data is missing from the allocation table (FFCV writer)")
+    return table["size"][at].astype(np.int64)
+
+
+def digest_items(stored: np.ndarray, headers: np.ndarray, pointers: np.ndarray, sizes: np.ndarray,
+                 labels: np.ndarray) -> np.ndarray:
+    digests = np.empty((len(headers), DIGEST_BYTES), dtype=np.uint8)
+    stored_bytes = memoryview(stored)
+    for i in range(len(headers)):
+        digest = hashlib.blake2b(headers[i].tobytes(), digest_size=DIGEST_BYTES)
+        digest.update(stored_bytes[pointers[i]:pointers[i] + sizes[i]])
+        digest.update(labels[i].tobytes())
+        digests[i] = np.frombuffer(digest.digest(), dtype=np.uint8)
+    stored_bytes.release()
+    return digests

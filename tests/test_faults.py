@@ -1,0 +1,322 @@
+"""Every test here is a bad input or a fault: exit code, a message that names the thing and what was expected,
+and nothing lost."""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dihn_dist import betonwriter
+from dihn_dist import prepare as prepare_module
+from dihn_dist.data import load_prepared, verify_prepared
+from dihn_dist.datasets import FileImages
+from dihn_dist.errors import run_command
+from dihn_dist.formats import RUN_FORMAT
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
+
+# The options tiny_prepared (conftest) was made with.
+TINY_OPTIONS = ["--dataset", "fashion-mnist", "--database-per-class", "60", "--query-per-class", "10",
+                "--resolution", "28"]
+
+
+def checksums(folder: Path) -> dict:
+    """sha256 of every file under `folder`, by relative path: equal before and after = nothing lost."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def prepare_cli(capsys, *argv, workers: int = 1):
+    """(exit code, the error line) of `python -m dihn_dist.prepare ARGV`."""
+    capsys.readouterr()
+    code = prepare_module.main([str(a) for a in argv] + ["--num-workers", str(workers)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    return code, errors[-1] if errors else ""
+
+
+def load_cli(capsys, folder: Path):
+    """(exit code, the error line) of loading prepared data the way every command does."""
+    capsys.readouterr()
+    code = run_command(lambda: load_prepared(folder) and 0, debug=False)
+    return code, capsys.readouterr().err.strip()
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*")), "a temporary folder was left behind"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --out: folders that are not prepare's to write
+
+
+def fake_run_folder(folder: Path, tiny_prepared: Path) -> Path:
+    """What `python -m dihn_dist.train --out` leaves: its marker, a copy of the data's manifest, results."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "original").mkdir()
+    (folder / "format.json").write_text(json.dumps(RUN_FORMAT))
+    shutil.copy(tiny_prepared / "manifest.json", folder / "manifest.json")
+    shutil.copy(tiny_prepared / "database_labels.npy", folder / "database_labels.npy")
+    (folder / "config.json").write_text(json.dumps({"code_length": 8, "arch": "small-cnn"}))
+    (folder / "checkpoints" / "incremental.pt").write_bytes(os.urandom(4096))
+    (folder / "original" / "model.pt").write_bytes(os.urandom(4096))
+    np.save(folder / "original" / "database_codes.npy", np.ones((420, 8), dtype=np.int8))
+    return folder
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_out_a_run_folder_is_refused_even_with_force(tiny_prepared, tmp_path, capsys, force):
+    run = fake_run_folder(tmp_path / "run", tiny_prepared)
+    before = checksums(run)
+    code, message = prepare_cli(capsys, *TINY_OPTIONS, "--out", run, *force)
+    assert code == 2
+    assert f"--out {run} is a training run folder" in message and "never writes into a run folder" in message
+    assert "even with --force" in message and "choose another --out" in message
+    assert checksums(run) == before
+    assert not list(tmp_path.glob(".run.*"))
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_out_a_foreign_folder_is_refused_even_with_force(tiny_prepared, tmp_path, capsys, force):
+    """Not ours although it holds a preparation's manifest.json: only format.json says what a folder is."""
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    (out / "sub" / "data.bin").write_bytes(os.urandom(1000))
+    shutil.copy(tiny_prepared / "manifest.json", out / "manifest.json")
+    before = checksums(out)
+    code, message = prepare_cli(capsys, *TINY_OPTIONS, "--out", out, *force)
+    assert code == 2
+    assert f"--out {out}: the folder is not empty and is not a dihn_dist preparation" in message
+    assert "format.json" in message and "empty it or choose another --out" in message
+    assert checksums(out) == before
+
+
+def test_out_a_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("keep me")
+    code, message = prepare_cli(capsys, *TINY_OPTIONS, "--out", out, "--force")
+    assert code == 2 and f"--out {out}: exists and is not a folder" in message
+    assert out.read_text() == "keep me"
+
+
+def test_other_options_need_force_and_name_what_would_be_deleted(tiny_prepared, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared, out)
+    before = checksums(out)
+    code, message = prepare_cli(capsys, *TINY_OPTIONS[:-3], "9", "--resolution", "28", "--out", out)
+    assert code == 2
+    assert f"--out {out} holds a preparation made with other options (query_per_class: 10 -> 9)" in message
+    files = list(out.iterdir())
+    total = sum(path.stat().st_size for path in files)
+    beton = (out / "database.beton").stat().st_size
+    assert f"pass --force to replace it, which deletes its {len(files)} files, {total / 2 ** 20:.1f} MiB: " in message
+    assert f"database.beton ({beton / 2 ** 20:.1f} MiB)" in message and "manifest.json (" in message
+    assert checksums(out) == before
+
+
+def test_a_preparation_holding_other_files_is_not_replaced_even_with_force(tiny_prepared, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared, out)
+    (out / "my_notes.txt").write_text("keep me")
+    before = checksums(out)
+    code, message = prepare_cli(capsys, *TINY_OPTIONS[:-3], "9", "--resolution", "28", "--out", out, "--force")
+    assert code == 2
+    assert f"--out {out} holds a preparation and also my_notes.txt, which no preparation writes" in message
+    assert "move it out" in message
+    assert checksums(out) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Damaged prepared files: named on load, and not silently replaced
+
+
+def test_truncated_database_beton_is_named(tiny_prepared, tmp_path, capsys):
+    folder = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared, folder)
+    beton = folder / "database.beton"
+    size = beton.stat().st_size
+    os.truncate(beton, size // 2)
+    before = checksums(folder)
+    code, message = load_cli(capsys, folder)
+    assert code == 2 and len(message.splitlines()) == 1
+    assert f"{beton}: expected {size:,} bytes (as listed in manifest.json), found {size // 2:,}" in message
+    assert "truncated" in message
+    assert f"re-run python -m dihn_dist.prepare --dataset fashion-mnist --resolution 28 --database-per-class 60 " \
+           f"--query-per-class 10 --out {folder} --force" in message
+    # prepare does not take it for complete, nor replace it without --force
+    code, message = prepare_cli(capsys, *TINY_OPTIONS, "--out", folder)
+    assert code == 2 and "holds a preparation that is damaged (database.beton: expected" in message
+    assert "pass --force to replace it" in message
+    assert checksums(folder) == before
+
+
+def test_swapped_beton_is_named(tiny_prepared, tmp_path, capsys):
+    folder = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared, folder)
+    database, query = folder / "database.beton", folder / "query.beton"
+    shutil.copy(query, database)
+    code, message = load_cli(capsys, folder)
+    assert code == 2 and f"{database}: expected" in message and "replaced" in message
+    # The same size, other bytes (the query part padded to the database's size): the fingerprint tells.
+    size = (tiny_prepared / "database.beton").stat().st_size
+    os.truncate(database, size)
+    before = checksums(folder)
+    code, message = load_cli(capsys, folder)
+    assert code == 2
+    assert f"{database}: fingerprint differs: the file was rewritten or replaced; re-run python -m " \
+           f"dihn_dist.prepare" in message and message.endswith("--force")
+    with pytest.raises(ValueError, match="database.beton: fingerprint differs"):
+        verify_prepared(load_prepared(folder, fingerprints=False))
+    assert checksums(folder) == before
+
+
+def test_load_refuses_a_run_folder(tiny_prepared, tmp_path, capsys):
+    run = fake_run_folder(tmp_path / "run", tiny_prepared)
+    before = checksums(run)
+    code, message = load_cli(capsys, run)
+    assert code == 2 and f"{run} is a training run folder, not prepared data" in message
+    assert checksums(run) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Degenerate images and writer workers that die
+
+
+def write_image_list(folder: Path, extra: dict = None) -> dict:
+    """A tiny image-list dataset of 28 px PNGs, 3 classes, --num-seen 2: database lines 1-4 original, 5-6
+    incremental; `extra` = {line number: PIL image} replaces those database images."""
+    rng = np.random.default_rng(0)
+    (folder / "img").mkdir(parents=True)
+    lists = {"db": [0, 1, 0, 1, 2, 2], "q": [0, 1, 2]}
+    for name, classes in lists.items():
+        lines = []
+        for i, label in enumerate(classes):
+            path = f"img/{name}{i}.png"
+            image = (extra or {}).get(i + 1) if name == "db" else None
+            image = image or Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8))
+            image.save(folder / path)
+            lines.append(f"{path} " + " ".join("1" if c == label else "0" for c in range(3)))
+        (folder / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return {"options": ["--dataset", "image-list", "--database-list", folder / "db.txt",
+                        "--query-list", folder / "q.txt", "--num-seen", "2"]}
+
+
+@pytest.mark.timeout(120)
+def test_elongated_image_is_a_bad_image(tmp_path, capsys):
+    """1 x 3000 px: at --max-side 256 its short side would be 0 px (FFCV's own resizer made OpenCV abort the
+    worker and the writer wait forever)."""
+    source = write_image_list(tmp_path / "src", {3: Image.new("RGB", (1, 3000), (200, 10, 10))})
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code, message = prepare_cli(capsys, *source["options"], "--out", out)
+    assert time.monotonic() - start < 60
+    assert code == 2
+    assert f"image {tmp_path / 'src' / 'img' / 'db2.png'} (listed in {tmp_path / 'src' / 'db.txt'} line 3): " \
+           f"1 x 3000 px: at --max-side 256 its short side would be 0 px; images need both sides >= 4 px" in message
+    assert "pass --skip-bad" in message
+    assert_nothing_written(out)
+    code, _ = prepare_cli(capsys, *source["options"], "--out", out, "--skip-bad")
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_database"] == 5 and manifest["skipped_bad"]["database"] == 1
+    assert "db.txt line 3" in manifest["skipped_bad"]["images"]["database"][0]
+    assert manifest["image"]["smallest_side"] == manifest["image"]["most_common_side"] == 28
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("death", ["exit 3", "SIGKILL"])
+def test_a_worker_that_dies_ends_prepare_naming_its_image(tmp_path, capsys, monkeypatch, death):
+    """Workers are forked, so the patched load reaches them: the worker on database line 4 dies."""
+    source = write_image_list(tmp_path / "src")
+    load = FileImages.load
+
+    def dying_load(self, index):
+        if self.list_file.name == "db.txt" and index == 3:
+            if death == "SIGKILL":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(3)
+        return load(self, index)
+
+    monkeypatch.setattr(FileImages, "load", dying_load)
+    from ffcv.writer import DatasetWriter
+    shared_memory = []
+    prepare_writer = DatasetWriter.prepare
+
+    def recording_prepare(writer):
+        prepare_writer(writer)
+        shared_memory.append(writer.metadata_sm.name)
+
+    monkeypatch.setattr(DatasetWriter, "prepare", recording_prepare)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code, message = prepare_cli(capsys, *source["options"], "--out", out, workers=2)
+    assert time.monotonic() - start < 60
+    assert code == 1
+    how = "exited with code 3" if death == "exit 3" else "was killed by signal SIGKILL"
+    assert "error: WriterWorkerDied: writing database.beton: a writer worker (pid " in message and how in message
+    assert f"while on database item 3 of 6: {tmp_path / 'src' / 'img' / 'db3.png'} (listed in " \
+           f"{tmp_path / 'src' / 'db.txt'} line 4)" in message
+    assert message.endswith("the other workers were stopped; nothing was written to --out")
+    assert_nothing_written(out)
+    assert not multiprocessing.active_children()
+    assert len(shared_memory) == 2   # query.beton, then database.beton
+    assert not (Path("/dev/shm") / shared_memory[-1].lstrip("/")).exists(), "FFCV's shared memory was left behind"
+
+
+@pytest.mark.timeout(120)
+def test_an_exception_inside_ffcv_encode_ends_prepare(tmp_path, capsys, monkeypatch):
+    source = write_image_list(tmp_path / "src")
+    import ffcv.fields.rgb_image as rgb_image
+
+    def failing_encode(image, quality):
+        raise ValueError("encoder exploded")
+
+    monkeypatch.setattr(rgb_image, "encode_jpeg", failing_encode)
+    out = tmp_path / "out"
+    code, message = prepare_cli(capsys, *source["options"], "--out", out)
+    assert code == 1
+    assert "writing query.beton: a writer worker" in message and "exited with code 1 (a Python exception" in message
+    assert "while on query item 0 of 3" in message
+    assert_nothing_written(out)
+
+
+@pytest.mark.timeout(120)
+def test_a_stuck_worker_ends_prepare(tmp_path, capsys, monkeypatch):
+    source = write_image_list(tmp_path / "src")
+    load = FileImages.load
+
+    def stuck_load(self, index):
+        if self.list_file.name == "q.txt" and index == 1:
+            time.sleep(3600)
+        return load(self, index)
+
+    monkeypatch.setattr(FileImages, "load", stuck_load)
+    monkeypatch.setattr(betonwriter, "WORKER_STALL_SECONDS", 2.0)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code, message = prepare_cli(capsys, *source["options"], "--out", out)
+    assert time.monotonic() - start < 60
+    assert code == 1
+    assert "writing query.beton: no writer worker took a new item for 2 s" in message
+    assert "while on query item 1 of 3" in message and "q.txt line 2" in message
+    assert_nothing_written(out)
+    assert not multiprocessing.active_children()
+
+
+def test_sides_below_the_minimum_are_refused(tmp_path, capsys):
+    code, message = prepare_cli(capsys, "--dataset", "fashion-mnist", "--resolution", "3", "--out", tmp_path / "o")
+    assert code == 2 and message == "error: --resolution: expected at least 4 pixels, got 3"
+    source = write_image_list(tmp_path / "src", {2: Image.new("RGB", (3, 3))})
+    code, message = prepare_cli(capsys, *source["options"], "--out", tmp_path / "o")
+    assert code == 2 and "db1.png (listed in" in message and "line 2): 3 x 3 px: its short side is 3 px" in message
+    assert_nothing_written(tmp_path / "o")
