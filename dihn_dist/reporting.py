@@ -7,6 +7,7 @@ branches on rank to report something.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from typing import Dict
 
 import torch
@@ -17,13 +18,22 @@ from .formats import STAGE_SHORT_TITLES
 from .runfolder import RunFolder
 
 
-def setup_logging(run: RunFolder, debug: bool) -> None:
+@contextmanager
+def logging_to(run: RunFolder, debug: bool):
+    """Rank 0 logs to the terminal and train.log, every rank to logs/rank<k>.log, while the block runs;
+    the file sinks are closed afterwards (the trainer may be called in-process, e.g. by the tests)."""
     level = "DEBUG" if debug else "INFO"
     logger.remove()
+    sinks = []
     if dist.context().is_main:
         logger.add(sys.stderr, level=level, format="<green>{time:HH:mm:ss}</green> | {level: <7} | {message}")
-        logger.add(run.path("train.log"), level=level)
-    logger.add(run.path("logs", f"rank{dist.context().rank}.log"), level="DEBUG")
+        sinks.append(logger.add(run.path("train.log"), level=level))
+    sinks.append(logger.add(run.path("logs", f"rank{dist.context().rank}.log"), level="DEBUG"))
+    try:
+        yield
+    finally:
+        for sink in sinks:
+            logger.remove(sink)
 
 
 class Reporter:
@@ -46,7 +56,10 @@ class Reporter:
             keep = {k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))}
             self.writer.add_hparams(keep, {f"hparam/{k}": v for k, v in final.items()}, run_name="hparams")
 
-    def close(self) -> None:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.writer is not None:
             self.writer.close()
 

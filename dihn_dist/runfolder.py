@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import dist
-from .formats import RUN_FORMAT, STAGE_TITLES, STAGES, train_command
+from .formats import FOLDER_MARKER, RUN_FORMAT, STAGE_TITLES, STAGES, folder_kind, train_command
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -138,7 +138,15 @@ class RunFolder:
     # Checks before anything is written
 
     def check_resume(self, config, manifest: dict) -> None:
-        """May this command use the folder? A run there needs --resume, the same settings and the same data."""
+        """May this command use the folder? Only a new or empty folder, or a run folder; a run there needs
+        --resume, the same settings and the same data."""
+        kind = folder_kind(self.root)
+        if kind == "prepared":
+            raise ValueError(f"--out {self.root}: is a prepared data folder (its {FOLDER_MARKER} says so); the "
+                             f"trainer never writes into data: choose another --out")
+        if kind == "other":
+            raise ValueError(f"--out {self.root}: exists and is not a dihn_dist run folder (no {FOLDER_MARKER} of a "
+                             f"run); choose a new or empty folder")
         if not self.has_run():
             return
         if not config.resume:

@@ -33,7 +33,7 @@ from .data import (PreparedData, TrainLoader, batch_schedule, eval_batches, glob
                    hide_discarded_loader_noise, load_prepared)
 from .formats import STAGES
 from .models import build_model, encode_batches, input_resolution, untrained_backbone_warning
-from .reporting import Reporter, log_iteration, log_start, print_table, progress, setup_logging
+from .reporting import Reporter, log_iteration, log_start, logging_to, print_table, progress
 from .runfolder import RunFolder, codes_checksum, load_old_stage
 
 
@@ -83,16 +83,14 @@ def train(config: Config) -> int:
     """Check every input, then run the configured stages in order and report every finished one."""
     data, run = check_inputs(config)  # nothing is written before this returns
     run.create(config, data)
-    setup_logging(run, config.debug)
     torch.autograd.set_detect_anomaly(config.debug)
-    log_start(config, data, run, untrained_backbone_warning(config.arch, config.pretrained))
-    reporter = Reporter(run)
-    for name in config.stage:
-        run_stage(name, config, data, run, reporter)
-    summary = run.write_metrics()
-    print_table(summary["stages"])
-    reporter.hparams(config.to_json(), {f"{r['stage']}_map_all": r["map_all"] for r in summary["rows"]})
-    reporter.close()
+    with logging_to(run, config.debug), Reporter(run) as reporter:
+        log_start(config, data, run, untrained_backbone_warning(config.arch, config.pretrained))
+        for name in config.stage:
+            run_stage(name, config, data, run, reporter)
+        summary = run.write_metrics()
+        print_table(summary["stages"])
+        reporter.hparams(config.to_json(), {f"{r['stage']}_map_all": r["map_all"] for r in summary["rows"]})
     return 0
 
 
@@ -194,7 +192,8 @@ class StageTraining:
         row, query_codes = self.evaluate()
         return {"stage": stage.name, "row": row, "iterations": self.history, "train_time_s": self.elapsed_s,
                 "frozen_rows": stage.num_frozen, "frozen_checksum_before": frozen_before,
-                "frozen_checksum_after": frozen_after, "codes_checksum": codes_checksum(self.codes)}, query_codes
+                "frozen_checksum_after": frozen_after, "codes_checksum": codes_checksum(self.codes),
+                "resolution": self.resolution}, query_codes
 
     def end_iteration(self, iteration: int, record: dict, elapsed_s: float) -> None:
         """The per-iteration bookkeeping: history, TensorBoard, log line, checkpoint, agreed stop."""
