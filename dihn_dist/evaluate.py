@@ -255,7 +255,18 @@ def data_summary(run: ExportedRun) -> str:
     num_database = run.database_labels.shape[0]
     return (f"{manifest.get('dataset', 'data')}: {num_database:,} database items ({run.num_original:,} of the "
             f"{run.num_seen} original classes, {num_database - run.num_original:,} incremental), "
-            f"{run.query_labels.shape[0]:,} queries; {run.code_length}-bit codes, {config['arch']}")
+            f"{run.query_labels.shape[0]:,} queries; {run.code_length}-bit codes, {config['arch']} "
+            f"({backbone_description(config)})")
+
+
+def backbone_description(config: dict) -> str:
+    """Where the network's weights started: the published numbers assume ImageNet weights."""
+    pretrained = config.get("pretrained")
+    if pretrained not in (None, "", "none"):
+        return f"backbone from {pretrained}"
+    if config.get("arch") == "small-cnn":
+        return "trained from scratch"
+    return "UNTRAINED backbone: no --pretrained ImageNet weights, not comparable to the published numbers"
 
 
 def agreement_note(reports: List[StageReport]) -> str:
@@ -296,7 +307,8 @@ def evaluate_run(run_dir, topk: Optional[int] = None, precision_k: Optional[int]
     out = Path(out) if out else run.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(reports, out, run.code_length)
-    summary = {"run": str(run.root), "data": data_summary(run), "topk": topk, "precision_k": precision_k,
+    summary = {"run": str(run.root), "data": data_summary(run), "backbone": backbone_description(run.config),
+               "topk": topk, "precision_k": precision_k,
                "rows": [{"name": STAGE_TITLES[r.stage], "stage": r.stage, **r.row} for r in reports],
                "stages": {r.stage: r.to_json() for r in reports}, "plots": plots,
                "agreement": agreement_note(reports),
