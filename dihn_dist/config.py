@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from .augment import AUGMENTATIONS
 from .formats import STAGES
-from .models import ARCHITECTURES
+from .models import ARCHITECTURES, PRECISIONS, SWITCHES
 
 
 @dataclass
@@ -52,6 +52,9 @@ class Config:
     eval_every: int = 0
     precision_k: int = 1000
     collective_timeout: float = 1800.0
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
     resume: bool = False
     debug: bool = False
 
@@ -63,7 +66,8 @@ class Config:
 # checked by its manifest and fingerprints, not by its path, so a moved data folder can still resume.)
 RESUME_INVARIANTS = ("batch_size", "lr", "weight_decay", "code_length", "max_iter", "max_epoch",
                      "num_samples", "gamma", "mu", "lr_decay_original", "lr_decay_incremental",
-                     "soft_similarity", "seed", "arch", "pretrained", "resolution", "augment", "old_run")
+                     "soft_similarity", "seed", "arch", "pretrained", "resolution", "augment", "old_run",
+                     "precision")
 
 DEBUG_DEFAULTS = {"max_iter": 2, "max_epoch": 1, "num_samples": 200}
 
@@ -219,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--precision-k", type=int, help="k of precision@k in the evaluation")
     a("--collective-timeout", type=float, help="seconds a rank waits in a collective (e.g. for rank 0's code "
                                                "update or checkpoint) before the job fails")
+    a("--precision", choices=PRECISIONS, help="autocast precision of the network: auto = bf16 on a GPU that "
+                                              "supports it, fp32 elsewhere; fp16 uses a gradient scaler. Losses, "
+                                              "codes and mAP stay float32/float64")
+    a("--channels-last", choices=SWITCHES, help="NHWC memory format for the CNN (auto: on for CUDA)")
+    a("--compile", action="store_const", const=True, help="torch.compile the network (minutes of compilation, "
+                                                          "then faster steps on a GPU)")
     a("--resume", action="store_const", const=True,
       help="continue the run in --out from its last complete outer iteration (start it if there is none); "
            "on a finished run, adds the stages it lacks")
@@ -259,6 +269,9 @@ def validate(config: Config) -> None:
             raise ValueError(f"{flag(name)}: expected a positive number, got {getattr(config, name)}")
     if config.arch not in ARCHITECTURES:
         raise ValueError(f"--arch: expected one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
+    for name, choices in (("precision", PRECISIONS), ("channels_last", SWITCHES)):
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{flag(name)}: expected one of {', '.join(choices)}, got {getattr(config, name)!r}")
     if config.augment not in AUGMENTATIONS:
         raise ValueError(f"--augment: expected one of {', '.join(AUGMENTATIONS)}, got {config.augment!r}")
     if config.old_run and "original" in config.stage:

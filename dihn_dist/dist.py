@@ -156,6 +156,8 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside DDP and torch.compile's wrappers (whose state dict is the network's own)."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 

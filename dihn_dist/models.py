@@ -4,6 +4,7 @@ Pretrained weights are never downloaded: --pretrained takes a local torchvision 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,8 @@ from torch import nn
 import torchvision
 
 ARCHITECTURES = ("alexnet", "resnet50", "small-cnn")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SWITCHES = ("auto", "on", "off")
 
 # What a user runs once on a machine with internet access to get a file for --pretrained.
 WEIGHTS_HINT = {
@@ -28,12 +31,13 @@ def binarize(outputs: torch.Tensor) -> torch.Tensor:
     return torch.where(outputs >= 0, 1, -1).to(torch.int8)
 
 
-def encode_batches(network: nn.Module, batches) -> Optional[torch.Tensor]:
-    """int8 +-1 codes of every image of (images, ...) batches, in order, in eval mode; None if no batch."""
+def encode_batches(network: nn.Module, batches, autocast=None) -> Optional[torch.Tensor]:
+    """int8 +-1 codes of every image of (images, ...) batches, in order, in eval mode; None if no batch.
+    `autocast`: the training precision's autocast context factory, so queries are encoded as trained."""
     was_training = network.training
     network.eval()
-    with torch.no_grad():
-        codes = [binarize(network(batch[0])) for batch in batches]
+    with torch.no_grad(), (autocast() if autocast else nullcontext()):
+        codes = [binarize(network(batch[0]).float()) for batch in batches]
     network.train(was_training)
     return torch.cat(codes) if codes else None
 
@@ -117,6 +121,45 @@ def load_pretrained(arch: str, backbone: nn.Module, path: Path) -> None:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ValueError(f"--pretrained {path}: does not fit --arch {arch}: {str(error)[:500]}. {hint}") from error
+
+
+class MixedPrecision:
+    """The forward pass under torch.autocast at the chosen precision, and the optimizer step (with a
+    GradScaler for fp16, whose small range needs the loss scaled). Losses, DCC and mAP stay float32/64:
+    the trainer casts the network's outputs to float32 before anything else uses them.
+
+    auto = bf16 on a CUDA GPU that supports it (Ampere and later: about twice the fp32 speed for these
+    CNNs, and bf16 keeps fp32's range, so no scaler), fp32 elsewhere (CPU autocast rarely pays off)."""
+
+    def __init__(self, requested: str, device: torch.device):
+        if requested not in PRECISIONS:
+            raise ValueError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {requested!r}")
+        if requested == "auto":
+            requested = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.name = requested
+        self.device_type = device.type
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+        self.scaler = torch.amp.GradScaler(device.type) if requested == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+
+
+def use_channels_last(requested: str, device: torch.device) -> bool:
+    """auto = on for CUDA (cuDNN's convolutions are fastest in NHWC, with bf16/fp16 above all), off on CPU."""
+    if requested not in SWITCHES:
+        raise ValueError(f"--channels-last: expected one of {', '.join(SWITCHES)}, got {requested!r}")
+    return requested == "on" or (requested == "auto" and device.type == "cuda")
 
 
 def build_model(arch: str, code_length: int, pretrained: Optional[str] = None) -> nn.Module:

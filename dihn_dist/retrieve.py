@@ -243,7 +243,7 @@ def relevance_colour(relevant: Optional[bool]):
 
 def write_contact_sheet(path: Path, query_pixels: np.ndarray, retrieval: Retrieval,
                         shown: Dict[int, np.ndarray]) -> Path:
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
     width, height = sheet_size(len(retrieval.items))
     sheet = Image.new("RGB", (width, height), COLOURS["background"])
     draw = ImageDraw.Draw(sheet)

@@ -16,11 +16,9 @@ runfolder.py and reporting.py write on rank 0 only.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -31,33 +29,11 @@ from . import augment, dist, errors, hashing, metrics
 from .config import Config, parse_config
 from .data import (PreparedData, TrainLoader, batch_schedule, eval_batches, global_batch_bounds,
                    hide_discarded_loader_noise, load_prepared)
-from .formats import STAGES
-from .models import build_model, encode_batches, input_resolution, untrained_backbone_warning
+from .models import (MixedPrecision, build_model, encode_batches, input_resolution, untrained_backbone_warning,
+                     use_channels_last)
 from .reporting import Reporter, log_iteration, log_start, logging_to, print_table, progress
 from .runfolder import RunFolder, codes_checksum, load_old_stage
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    num_database: int  # the stage sees database rows [0, num_database)
-    num_frozen: int    # rows [0, num_frozen) keep the codes they start with
-    mu: float          # weight of the bit-balance term
-    lr_decay: float
-
-    @property
-    def seed_key(self) -> int:
-        return STAGES.index(self.name) + 1
-
-
-def stage_spec(name: str, config: Config, data: PreparedData) -> Stage:
-    """The stage table: original = ADSH on the original items; incremental = DIHN on every item with the
-    original codes frozen; retrain = ADSH from scratch on every item (the baseline)."""
-    if name == "original":
-        return Stage(name, data.num_original, 0, 0.0, config.lr_decay_original)
-    if name == "incremental":
-        return Stage(name, data.num_database, data.num_original, config.mu, config.lr_decay_incremental)
-    return Stage(name, data.num_database, 0, 0.0, config.lr_decay_original)
+from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_generator, stage_spec
 
 
 def main(argv=None) -> int:
@@ -153,13 +129,20 @@ class StageTraining:
         self.stage, self.config, self.data, self.run, self.reporter = stage, config, data, run, reporter
         self.resolution = input_resolution(config.arch, config.resolution, data.image_size)
         torch.manual_seed(config.seed * 1000 + stage.seed_key)  # the same initial weights on every rank
-        self.model = dist.wrap(build_model(config.arch, config.code_length, config.pretrained).to(ctx.device))
+        network = build_model(config.arch, config.code_length, config.pretrained).to(ctx.device)
+        self.channels_last = use_channels_last(config.channels_last, ctx.device)
+        if self.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        self.model = torch.compile(dist.wrap(network)) if config.compile else dist.wrap(network)
         # Dropout (alexnet) draws from here: each rank its own masks, as separate GPUs would.
         torch.manual_seed(seed_of(config.seed, stage.seed_key, ctx.rank))
+        self.precision = MixedPrecision(config.precision, ctx.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=stage.lr_decay)
         self.codes = codes.to(ctx.device, torch.float32)
         self.labels = torch.from_numpy(data.database_labels[:stage.num_database]).to(ctx.device, torch.float32)
+        # The hash term sees a batch item only through its label pattern (hashing.factorized_hash_loss).
+        self.patterns, self.pattern_of_row = hashing.label_patterns(self.labels)
         self.history, self.next_iteration, self.elapsed_s = [], 0, 0.0
         share = len(batch_schedule(np.arange(config.num_samples), config.batch_size, ctx.world_size, ctx.rank)[0])
         self.loader = TrainLoader(data, batch_size=-(-config.batch_size // ctx.world_size), length=share,
@@ -209,12 +192,15 @@ class StageTraining:
         """--max-epoch epochs over the sample with the codes fixed.
 
         Returns this rank's outputs U of the last epoch with their database positions, and the loss terms
-        summed over every rank (per item and database entry, for reporting). Everything a step needs from
-        the host (its positions, its augmentation) is moved to the device once per epoch, so a step never
-        waits for the host; the loss totals are checked for NaN/inf once per epoch, on every rank alike.
+        summed over every rank (per item and database entry, for reporting). The hash term's statistics
+        of the fixed codes are computed once here (on every rank: the codes are the same everywhere), so a
+        step costs O(batch c^2) whatever the database size. Everything a step needs from the host (its
+        positions, its augmentation) moves to the device once per epoch, so a step never waits for the
+        host; the loss totals are checked for NaN/inf once per epoch, on every rank alike.
         """
         ctx, config, stage = dist.context(), self.config, self.stage
         num_samples, n = sample.shape[0], stage.num_database
+        stats = hashing.hash_term_stats(self.codes, self.patterns, self.pattern_of_row, r)
         global_sizes = [end - start for start, end in global_batch_bounds(num_samples, config.batch_size, ctx.world_size)]
         slot_of_position = np.full(n, -1, dtype=np.int64)
         slot_of_position[sample.numpy()] = np.arange(num_samples)
@@ -226,42 +212,43 @@ class StageTraining:
             positions, step_sizes = batch_schedule(order, config.batch_size, ctx.world_size, ctx.rank)
             params = augment_params[slot_of_position[positions]].to(ctx.device)
             on_device = torch.from_numpy(positions).to(ctx.device)
+            batch_patterns = self.pattern_of_row[on_device]
             starts = np.cumsum([0] + step_sizes)
             self.loader.set_order(positions, step_sizes)
-            epoch_totals = torch.zeros_like(totals)
-            kept_outputs = []
-            steps = progress(self.loader, len(step_sizes), f"{stage.name} it {iteration + 1} epoch {epoch + 1}")
-            for step, (images, batch_labels, _) in enumerate(steps):
+            epoch_totals, kept_outputs = torch.zeros_like(totals), []
+            for step, (images, _, _) in enumerate(progress(self.loader, len(step_sizes),
+                                                           f"{stage.name} it {iteration + 1} epoch {epoch + 1}")):
                 batch = slice(starts[step], starts[step + 1])
-                batch_positions = on_device[batch]
                 if config.augment != "none":
                     images = augment.apply(images, params[batch])
-                outputs = self.model(images)
-                hash_term = hashing.pairwise_hash_loss(outputs, self.codes, hashing.similarity(batch_labels, self.labels, r),
-                                                       config.code_length)
+                if self.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with self.precision.autocast():
+                    outputs = self.model(images).float()
                 bit_sums = dist.differentiable_all_reduce_sum(outputs.sum(dim=0)) if stage.mu > 0 else None
-                loss, terms = hashing.batch_loss(outputs, hash_term, self.codes[batch_positions], bit_sums,
-                                                 gamma=config.gamma, mu=stage.mu, num_database=n,
-                                                 global_batch=global_sizes[step], world_size=ctx.world_size)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                loss, terms = hashing.batch_loss(outputs, hashing.factorized_hash_loss(outputs, batch_patterns[batch], stats),
+                                                 self.codes[on_device[batch]], bit_sums, gamma=config.gamma, mu=stage.mu,
+                                                 num_database=n, global_batch=global_sizes[step], world_size=ctx.world_size)
+                self.precision.step(loss, self.optimizer)
                 epoch_totals += torch.stack([terms["hash"], terms["quantization"],
                                              terms["balance"] / ctx.world_size]).detach()
                 kept_outputs.append(outputs.detach())
-            epoch_totals = dist.all_reduce_sum(epoch_totals)
-            if not bool(torch.isfinite(epoch_totals).all()):
-                hash_total, quantization, balance = epoch_totals.tolist()
-                raise FloatingPointError(
-                    f"stage {stage.name}, iteration {iteration + 1}, epoch {epoch + 1}: non-finite loss (hash "
-                    f"{hash_total:.4g}, quantization {quantization:.4g}, balance {balance:.4g}); the last good "
-                    f"checkpoint is kept")
-            totals += epoch_totals
+            totals += self.check_finite(dist.all_reduce_sum(epoch_totals), iteration, epoch)
         hash_total, quantization, balance = (totals / (num_samples * config.max_epoch * n)).tolist()
         losses = {"loss_hash": hash_total, "loss_quantization": config.gamma * quantization,
                   "loss_balance": stage.mu * balance}
         losses["loss_total"] = sum(losses.values())
         return torch.cat(kept_outputs), on_device, losses
+
+    def check_finite(self, epoch_totals: torch.Tensor, iteration: int, epoch: int) -> torch.Tensor:
+        """The epoch's loss totals (summed over every rank, so every rank decides alike), or the error."""
+        if not bool(torch.isfinite(epoch_totals).all()):
+            hash_total, quantization, balance = epoch_totals.tolist()
+            raise FloatingPointError(
+                f"stage {self.stage.name}, iteration {iteration + 1}, epoch {epoch + 1}: non-finite loss (hash "
+                f"{hash_total:.4g}, quantization {quantization:.4g}, balance {balance:.4g}); the last good "
+                f"checkpoint is kept")
+        return epoch_totals
 
     def update_codes(self, outputs: torch.Tensor, positions: torch.Tensor, r: Optional[float]) -> dict:
         """Gather U on rank 0, solve DCC for the learned rows there, broadcast them packed. Returns timings."""
@@ -289,7 +276,7 @@ class StageTraining:
     def evaluate(self, during_training: bool = False):
         """The stage's retrieval row (the same on every rank): its model's query codes against its codes."""
         started = time.perf_counter()
-        query_codes = encode(self.model, self.data, "query", self.config, self.resolution)
+        query_codes = encode(self.model, self.data, "query", self.config, self.resolution, self.precision)
         row = None
         if dist.context().is_main:
             row = metrics.retrieval_row(query_codes, self.codes.to(torch.int8),
@@ -306,7 +293,8 @@ class StageTraining:
         self.run.save_checkpoint(self.stage.name, {
             "stage": self.stage.name, "iteration": self.next_iteration - 1, "model": dist.unwrap(self.model),
             "optimizer": self.optimizer, "scheduler": self.scheduler, "codes": self.codes.to("cpu", torch.int8),
-            "history": self.history, "elapsed_s": self.elapsed_s, "rng": rng})
+            "history": self.history, "elapsed_s": self.elapsed_s, "rng": rng,
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None})
 
     def restore(self) -> None:
         checkpoint = self.run.restore_checkpoint(self.stage.name, model=dist.unwrap(self.model),
@@ -316,6 +304,8 @@ class StageTraining:
         self.codes = checkpoint["codes"].to(self.codes.device, torch.float32)
         self.history, self.elapsed_s = checkpoint["history"], checkpoint["elapsed_s"]
         self.next_iteration = checkpoint["iteration"] + 1
+        if self.precision.scaler is not None and checkpoint.get("scaler"):
+            self.precision.scaler.load_state_dict(checkpoint["scaler"])
         if not dist.restore_rng_states(checkpoint["rng"]):
             logger.warning(f"stage {self.stage.name}: the checkpoint comes from {len(checkpoint['rng'])} process(es), "
                            f"this run has {dist.context().world_size}: dropout masks will differ from an "
@@ -323,7 +313,8 @@ class StageTraining:
         logger.info(f"stage {self.stage.name}: resumed after iteration {checkpoint['iteration']}")
 
 
-def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config, resolution: int) -> torch.Tensor:
+def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config, resolution: int,
+           precision: MixedPrecision) -> torch.Tensor:
     """int8 codes of every row of a part (query/database), each rank encoding a contiguous shard."""
     ctx = dist.context()
     count = data.num_query if part == "query" else data.num_database
@@ -331,32 +322,11 @@ def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config
     batch_size = max(config.batch_size, 256)
     batches = eval_batches(data, part, batch_size=batch_size, resolution=resolution, device=ctx.device,
                            num_workers=config.num_workers, indices=shard)
-    local = encode_batches(dist.unwrap(model), progress(batches, -(-len(shard) // batch_size), f"encoding {part}"))
+    local = encode_batches(dist.unwrap(model), progress(batches, -(-len(shard) // batch_size), f"encoding {part}"),
+                           precision.autocast)
     if local is None:  # more ranks than rows
         local = torch.empty(0, config.code_length, dtype=torch.int8, device=ctx.device)
     return dist.gather_rows(local).to(ctx.device)
-
-
-def seed_of(*keys: int) -> int:
-    digest = hashlib.sha256(repr(keys).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed_of(*keys))
-
-
-def sample_positions(seed: int, stage: Stage, iteration: int, num_samples: int) -> torch.Tensor:
-    """The m database positions of one outer iteration, the same on every rank and after a resume."""
-    generator = seeded_generator(seed, stage.seed_key, iteration)
-    return torch.randperm(stage.num_database, generator=generator)[:num_samples]
-
-
-def initial_codes(stage: Stage, config: Config, frozen: Optional[torch.Tensor]) -> torch.Tensor:
-    generator = seeded_generator(config.seed, stage.seed_key, -1)
-    learned = torch.randint(0, 2, (stage.num_database - stage.num_frozen, config.code_length), generator=generator)
-    learned = (learned * 2 - 1).to(torch.int8)
-    return learned if frozen is None else torch.cat([frozen.to(torch.int8), learned])
 
 
 def inject_failure(iteration: int, model: torch.nn.Module) -> None:

@@ -6,12 +6,10 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-import torch
 
 COMMON = ["--arch", "small-cnn", "--code-length", "8", "--max-epoch", "1", "--num-samples", "120",
           "--lr", "1e-3", "--num-workers", "1", "--device", "cpu", "--seed", "5", "--augment", "crop-flip"]
