@@ -256,6 +256,7 @@ class StageTraining:
         started = time.perf_counter()
         all_outputs = dist.gather_rows(outputs.float())
         all_positions = dist.gather_rows(positions)
+        dist.synchronize()
         gathered = time.perf_counter()
         learned = codes[stage.num_frozen:]
         if dist.context().is_main:
