@@ -15,8 +15,9 @@ per-sample metadata and the allocation table) and a memory map of the file: item
 BLAKE2b (hashlib.blake2b, digest_size=16) of, in order, its image's FFCV metadata as stored (mode: 1 byte,
 0 JPEG / 1 raw; height and width: uint16 little-endian each), the stored image bytes (the JPEG file or the
 raw HxWx3 pixels, exactly as in the .beton) and its stored label row (uint8, one byte per class). Equal
-digests mean identical stored items, so one preparation's database is a prefix of another's exactly when
-its digests are the other's first rows.
+digests mean identical stored items. Item i's image digest is the same without the label row: equal image
+digests mean bit-identical stored images, whatever the width of the label rows (a later round of a
+preparation widens its label rows for the new classes and keeps its images).
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ DIGEST_BYTES = 16
 ITEM_DIGEST_SCHEME = ("blake2b (16-byte digest) of the item's stored image metadata (mode: 1 byte, 0 = JPEG, "
                       "1 = raw; height, width: uint16 little-endian), the stored image bytes (JPEG file or raw "
                       "HxWx3 pixels, exactly as in the .beton) and the stored label row (uint8 per class)")
+IMAGE_DIGEST_SCHEME = ("blake2b (16-byte digest) of the item's stored image metadata (mode: 1 byte, 0 = JPEG, "
+                       "1 = raw; height, width: uint16 little-endian) and the stored image bytes (JPEG file or raw "
+                       "HxWx3 pixels, exactly as in the .beton): the item digest without the label row")
 WORKER_STALL_SECONDS = 600.0   # no writer worker taking a new item for this long: it is stuck, not slow
 QUEUE_POLL_SECONDS = 0.2
 
@@ -262,11 +266,31 @@ def free_shared_memory(writer) -> None:
 # Reading every stored item back
 
 
+HEADER_TYPE = np.dtype([("mode", "u1"), ("height", "<u2"), ("width", "<u2")])   # the digested image metadata
+
+
+@dataclass
+class StoredImages:
+    """Where each item's image lies in a .beton: FFCV's image metadata and the allocation holding its bytes."""
+    headers: np.ndarray    # (N,) HEADER_TYPE: mode (0 JPEG, 1 raw), height, width
+    pointers: np.ndarray   # (N,) int64 file offsets of the stored image bytes
+    sizes: np.ndarray      # (N,) int64 their lengths
+
+
 @dataclass
 class StoredItems:
-    digests: np.ndarray   # (N, 16) uint8, see ITEM_DIGEST_SCHEME
-    heights: np.ndarray   # (N,) stored image heights in pixels
-    widths: np.ndarray    # (N,)
+    digests: np.ndarray         # (N, 16) uint8, see ITEM_DIGEST_SCHEME
+    image_digests: np.ndarray   # (N, 16) uint8, see IMAGE_DIGEST_SCHEME
+    images: StoredImages
+
+    @property
+    def heights(self) -> np.ndarray:
+        """(N,) stored image heights in pixels."""
+        return self.images.headers["height"].astype(np.int64)
+
+    @property
+    def widths(self) -> np.ndarray:
+        return self.images.headers["width"].astype(np.int64)
 
 
 def read_back(path: Path, expected_labels: np.ndarray) -> StoredItems:
@@ -281,20 +305,21 @@ def read_back(path: Path, expected_labels: np.ndarray) -> StoredItems:
     image, label_pointers, index = fields["image"], fields["labels"], fields["index"]
     if not np.array_equal(index, np.arange(count)):
         raise RuntimeError(f"{path}: item positions are not stored in order (FFCV writer)")
-    image_sizes = allocation_sizes(reader.alloc_table, image["data_ptr"], path)
-    headers = np.zeros(count, dtype=np.dtype([("mode", "u1"), ("height", "<u2"), ("width", "<u2")]))
+    headers = np.zeros(count, dtype=HEADER_TYPE)
     for key in ("mode", "height", "width"):
         headers[key] = image[key]
+    images = StoredImages(headers, image["data_ptr"].astype(np.int64),
+                          allocation_sizes(reader.alloc_table, image["data_ptr"], path))
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         stored = np.frombuffer(mapped, dtype=np.uint8)
         labels = stored[label_pointers.astype(np.int64)[:, None] + np.arange(width)]
-        digests = digest_items(stored, headers, image["data_ptr"].astype(np.int64), image_sizes, labels)
+        digests, image_digests = digest_items(stored, images, labels)
         del stored   # the memory map closes only once no array views it
     bad = np.flatnonzero((labels != expected_labels).any(axis=1))
     if len(bad):
         raise RuntimeError(f"{path}: item {bad[0]} holds labels {labels[bad[0]].tolist()}, "
                            f"{expected_labels[bad[0]].tolist()} were written")
-    return StoredItems(digests, image["height"].astype(np.int64), image["width"].astype(np.int64))
+    return StoredItems(digests, image_digests, images)
 
 
 def allocation_sizes(alloc_table: np.ndarray, pointers: np.ndarray, path: Path) -> np.ndarray:
@@ -306,14 +331,19 @@ def allocation_sizes(alloc_table: np.ndarray, pointers: np.ndarray, path: Path) 
     return table["size"][at].astype(np.int64)
 
 
-def digest_items(stored: np.ndarray, headers: np.ndarray, pointers: np.ndarray, sizes: np.ndarray,
-                 labels: np.ndarray) -> np.ndarray:
-    digests = np.empty((len(headers), DIGEST_BYTES), dtype=np.uint8)
+def digest_items(stored: np.ndarray, images: StoredImages, labels: np.ndarray) -> tuple:
+    """(item digests, image digests), each (N, 16) uint8: the image part is hashed once for both."""
+    count = len(images.headers)
+    digests = np.empty((count, DIGEST_BYTES), dtype=np.uint8)
+    image_digests = np.empty((count, DIGEST_BYTES), dtype=np.uint8)
     stored_bytes = memoryview(stored)
-    for i in range(len(headers)):
-        digest = hashlib.blake2b(headers[i].tobytes(), digest_size=DIGEST_BYTES)
-        digest.update(stored_bytes[pointers[i]:pointers[i] + sizes[i]])
-        digest.update(labels[i].tobytes())
-        digests[i] = np.frombuffer(digest.digest(), dtype=np.uint8)
+    for i in range(count):
+        start = images.pointers[i]
+        image_digest = hashlib.blake2b(images.headers[i].tobytes(), digest_size=DIGEST_BYTES)
+        image_digest.update(stored_bytes[start:start + images.sizes[i]])
+        item_digest = image_digest.copy()
+        item_digest.update(labels[i].tobytes())
+        image_digests[i] = np.frombuffer(image_digest.digest(), dtype=np.uint8)
+        digests[i] = np.frombuffer(item_digest.digest(), dtype=np.uint8)
     stored_bytes.release()
-    return digests
+    return digests, image_digests

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .formats import (MANIFEST, PREPARED_FORMAT, PREPARED_FORMAT_VERSION, folder_kind, is_incremental,
-                      listed_file_problem, prepare_command)
+from .formats import (IMAGE_DIGEST_FILES, MANIFEST, PREPARED_FORMAT, PREPARED_FORMAT_VERSION, folder_kind,
+                      is_incremental, listed_file_problem, prepare_command)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,8 +45,8 @@ class PreparedData:
     manifest: dict
     database_labels: np.ndarray   # (n, L) uint8
     query_labels: np.ndarray      # (q, L) uint8
-    num_original: int             # database rows [0, num_original) are original-class items
-    num_seen: int
+    num_original: int             # database rows [0, num_original) are original-class items (extended data:
+    num_seen: int                 # the previous round's database; see `is_extended`)
 
     @property
     def num_database(self) -> int:
@@ -63,6 +63,13 @@ class PreparedData:
     @property
     def dataset(self) -> str:
         return str(self.manifest["dataset"])
+
+    @property
+    def is_extended(self) -> bool:
+        """Made with prepare --extends: rows [0, num_original) are the previous round's database (inherited,
+        their stored images bit-identical), the rows after are this round's new items, which may include new
+        images of old classes (classes < num_seen)."""
+        return isinstance(self.manifest.get("extends"), dict)
 
     @property
     def image_size(self) -> int:
@@ -138,7 +145,7 @@ def load_prepared(data_dir, dataset: Optional[str] = None, num_seen: Optional[in
     query_labels = read_labels(root / "query_labels.npy", manifest["num_query"], manifest["num_classes"])
     data = PreparedData(root, manifest, database_labels, query_labels,
                         int(manifest["num_original"]), int(manifest["num_seen"]))
-    check_original_first(data, manifest_path)
+    check_database_order(data, manifest_path)
     if dataset and dataset != data.dataset:
         raise ValueError(f"--dataset {dataset}: but --data {root} holds {data.dataset}")
     if num_seen is not None and num_seen != data.num_seen:
@@ -196,11 +203,98 @@ def read_labels(path: Path, rows: int, columns: int) -> np.ndarray:
     return labels
 
 
-def check_original_first(data: PreparedData, manifest_path: Path) -> None:
+def check_database_order(data: PreparedData, manifest_path: Path) -> None:
+    """Rows [0, num_original) carry only classes < num_seen. In a first preparation every row after carries
+    a class >= num_seen; in an extended one (prepare --extends) they are this round's items, whatever their
+    classes (new images of old classes arrive too)."""
     incremental = is_incremental(data.database_labels, data.num_seen)
-    if incremental[:data.num_original].any() or not incremental[data.num_original:].all():
+    if not data.is_extended and not incremental[data.num_original:].all():
         raise ValueError(f"{manifest_path}: database rows are not original items (labels < {data.num_seen}) "
                          f"followed by incremental ones at num_original={data.num_original}")
+    if incremental[:data.num_original].any():
+        row = int(np.flatnonzero(incremental[:data.num_original])[0])
+        raise ValueError(f"{manifest_path}: database row {row} carries a class >= num_seen {data.num_seen}, but rows "
+                         f"[0, num_original={data.num_original}) are the original items (classes < {data.num_seen})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One database as a prefix of another (chained rounds: a run's data, then the next round's data)
+
+
+# What a folder must hold for its database to be compared with another's: a preparation holds these, and a
+# run folder keeps copies of them (the trainer copies the data's manifest.json, database_labels.npy and
+# database_image_digests.npy into the run folder).
+PREFIX_FILES = (MANIFEST, "database_labels.npy", IMAGE_DIGEST_FILES["database"])
+
+
+@dataclass
+class DatabaseRecord:
+    """What identifies a database row by row: the stored image of each item (its image digest, see
+    `betonwriter.IMAGE_DIGEST_SCHEME`) and its label row."""
+    where: str                  # the folder, for messages
+    dataset: str
+    labels: np.ndarray          # (n, L) uint8
+    image_digests: np.ndarray   # (n, 16) uint8
+
+
+def database_record(source) -> DatabaseRecord:
+    """The database of a PreparedData, or of a folder holding PREFIX_FILES (a preparation or a run folder)."""
+    if isinstance(source, PreparedData):
+        root, manifest, labels = source.root, source.manifest, source.database_labels
+    else:
+        root = Path(source)
+        for name in PREFIX_FILES:
+            if not (root / name).is_file():
+                raise FileNotFoundError(f"{root / name} is missing; comparing databases needs "
+                                        f"{', '.join(PREFIX_FILES)} (a preparation has them; a run folder keeps "
+                                        f"copies of its data's)")
+        manifest = json.loads((root / MANIFEST).read_text())
+        labels = np.load(root / "database_labels.npy", allow_pickle=False)
+    path = root / IMAGE_DIGEST_FILES["database"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {root} was prepared before per-item image digests were "
+                                f"recorded; rebuild the preparation with --force")
+    digests = np.load(path, allow_pickle=False)
+    if labels.ndim != 2 or digests.shape != (len(labels), 16):
+        raise ValueError(f"{path}: expected ({len(labels)}, 16) image digests (one per database label row of "
+                         f"{root}), got {digests.shape}")
+    return DatabaseRecord(str(root), str(manifest.get("dataset")), labels, digests)
+
+
+def database_prefix_problem(old: DatabaseRecord, new: DatabaseRecord) -> Optional[str]:
+    """Why `new`'s database does not begin with exactly `old`'s (None when it does): same dataset, at least
+    as many rows and label columns, and every old row r has new row r's stored image (equal image digests)
+    and its labels: new row r's first L_old columns equal old row r, its other columns are 0."""
+    (n_old, width_old), (n_new, width_new) = old.labels.shape, new.labels.shape
+    names = f"the old database ({old.where})", f"the new one ({new.where})"
+    if old.dataset != new.dataset:
+        return f"{names[0]} holds {old.dataset}, {names[1]} holds {new.dataset}"
+    if n_new < n_old:
+        return f"{names[0]} has {n_old} items, {names[1]} only {n_new}: it cannot begin with the old one"
+    if width_new < width_old:
+        return f"{names[0]} has {width_old} label columns, {names[1]} only {width_new} (labels only widen)"
+    images_differ = (new.image_digests[:n_old] != old.image_digests).any(axis=1)
+    labels_differ = ((new.labels[:n_old, :width_old] != old.labels).any(axis=1)
+                     | new.labels[:n_old, width_old:].any(axis=1))
+    differing = np.flatnonzero(images_differ | labels_differ)
+    if not len(differing):
+        return None
+    row = int(differing[0])
+    what = ("its stored image differs" if images_differ[row] else
+            f"its labels differ: {old.labels[row].tolist()} in the old, {new.labels[row].tolist()} in the new")
+    return (f"database row {row}: {what} ({len(differing)} of the first {n_old} rows differ): {names[1]} does not "
+            f"begin with {names[0]}")
+
+
+def check_database_prefix(old, new) -> None:
+    """Raise ValueError (one line) unless `new`'s database begins with exactly `old`'s, row for row.
+
+    `old` and `new`: a PreparedData, or a folder holding PREFIX_FILES (a preparation, or a run folder that
+    kept copies of its data's). The trainer's --old-run: check_database_prefix(OLD_RUN_DIR, data)."""
+    old_record, new_record = database_record(old), database_record(new)
+    problem = database_prefix_problem(old_record, new_record)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 # ----------------------------------------------------------------------------------------------------------

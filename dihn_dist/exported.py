@@ -20,7 +20,8 @@ with the standard library and numpy, and may copy this file and `formats.py` as 
         model.pt                   torch state dict of the hashing network (needed only to encode new images)
 
 Database rows are positions in the prepared database: the original-class items come first, rows
-[0, num_original), then the incremental ones. Stage "original" has codes for rows [0, num_original) only
+[0, num_original), then the incremental ones (in data made by prepare --extends: the previous round's
+database, then this round's items). Stage "original" has codes for rows [0, num_original) only
 (its model never saw the new classes); incremental and retrain cover all n rows.
 
 Retrieval with numpy alone: the Hamming distance of a packed query row p to every packed database row is

@@ -29,6 +29,13 @@ FOLDER_MARKER = "format.json"
 PREPARED_V1_FILES = frozenset({MANIFEST, "query.beton", "database.beton", "query_labels.npy", "database_labels.npy",
                                "query_source_index.npy", "database_source_index.npy"})
 
+# Per-item digests of the stored images alone (no labels: label rows widen when a later round adds classes),
+# and, for image-list preparations, each item's image file (absolute path, one per line). A run that trains on
+# a preparation keeps a copy of the database's image digests, so that a later round's data can be checked to
+# begin with exactly the run's database (`data.check_database_prefix`).
+IMAGE_DIGEST_FILES = {"query": "query_image_digests.npy", "database": "database_image_digests.npy"}
+ITEM_PATH_FILES = {"query": "query_item_paths.txt", "database": "database_item_paths.txt"}
+
 
 # ----------------------------------------------------------------------------------------------------------
 # What a folder is
@@ -136,8 +143,8 @@ def fingerprint_spans(size: int):
 # The command that (re)makes a preparation, for messages
 
 
-REQUEST_FLAGS = ("dataset", "root", "database_list", "query_list", "num_seen", "resolution", "max_side",
-                 "database_per_class", "query_per_class")
+REQUEST_FLAGS = ("dataset", "extends", "root", "database_list", "query_list", "classes", "num_seen", "resolution",
+                 "max_side", "database_per_class", "query_per_class")
 
 
 def prepare_command(request: Dict[str, object], out) -> str:
@@ -165,9 +172,19 @@ def is_incremental(labels, num_seen: int):
     """Rows (items or queries) that carry any class >= num_seen: the new classes' items.
 
     `labels` is a 0/1 (rows x classes) numpy array or torch tensor; returns a boolean vector of the same kind.
-    The rule that splits the database (original items first), the query set and the reports.
+    The rule that splits the query set and the reports, and the database of a first preparation (original
+    items first). A preparation made with --extends splits its database by row instead: rows
+    [0, num_original) are the previous round's database (all of them classes < num_seen), the rows after
+    are this round's items, which may include new images of old classes.
     """
     return labels[:, num_seen:].sum(1) > 0
+
+
+def classes_so_far(manifest: dict) -> int:
+    """K: the classes 0..K-1 a preparation's items may carry. --classes K for a class-rounds preparation,
+    else all its label columns. A later round (--extends) brings classes K and up: its num_seen is K."""
+    value = manifest.get("num_classes_so_far")
+    return int(value if value is not None else manifest["num_classes"])
 
 
 def train_command(run_dir, stage=None) -> str:

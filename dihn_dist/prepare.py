@@ -10,9 +10,19 @@ query.beton, database.beton (fields image, labels, index), query_labels.npy and 
 multi-hot), query_source_index.npy and database_source_index.npy (the source row of each position),
 query_item_digests.npy and database_item_digests.npy (uint8 (N, 16): per stored item, the BLAKE2b digest of
 its stored image metadata, image bytes and label row, exactly as `dihn_dist.betonwriter.read_back` computes
-them: equal rows mean identical stored items) and manifest.json (written last). The database holds every
-original item first (all labels < num_seen), in source order, then every incremental item (any label >=
-num_seen), in source order.
+them: equal rows mean identical stored items), query_image_digests.npy and database_image_digests.npy (the
+same without the label row: equal rows mean bit-identical stored images), for image-list
+query_item_paths.txt and database_item_paths.txt (each item's image file, absolute, one per line) and
+manifest.json (written last). The database holds every original item first (all labels < num_seen), in
+source order, then every incremental item (any label >= num_seen), in source order.
+
+Rounds: new classes arrive later, often several times, and their items are added without touching the old
+ones. fashion-mnist and cifar-10 take `--classes K` (keep classes 0..K-1 only; num_seen defaults to K, so a
+first round is all original items); `--extends OLD_DATA` writes a new preparation whose database begins with
+exactly OLD_DATA's items, each stored image copied byte for byte (never decoded or re-encoded) and checked
+by its image digest after writing, followed by this round's new items (see `dihn_dist.extend`). Its rows
+[0, num_original) are OLD_DATA's database (num_inherited, "extends" in the manifest); its num_seen is the
+number of classes OLD_DATA had; "rounds" lists the rows each round added.
 
 The manifest lists every other file of the folder with its size and a fingerprint (sha256 of the size and
 about 3 MiB sampled from the file, see `formats.FINGERPRINT_SCHEME`), which `data.load_prepared` checks, and
@@ -54,12 +64,14 @@ import numpy as np
 from loguru import logger
 
 from . import __version__
-from .betonwriter import ITEM_DIGEST_SCHEME, StoredItems, WorkerTable, WriterWorkerDied, read_back, watched_write
+from .betonwriter import (IMAGE_DIGEST_SCHEME, ITEM_DIGEST_SCHEME, StoredItems, WorkerTable, WriterWorkerDied,
+                          read_back, watched_write)
 from .datasets import DATASETS, BadImageError, SourceDataset, SourcePart, first_rows_per_class, open_dataset
 from .errors import debug_requested, run_command
-from .formats import (FINGERPRINT_SCHEME, FOLDER_MARKER, MANIFEST, PREPARED_FORMAT, PREPARED_FORMAT_VERSION,
-                      PREPARED_MARKER, PREPARED_V1_FILES, RUN_FORMAT, file_fingerprint, folder_kind, is_incremental,
-                      listed_file_problem, prepare_command, read_json_object)
+from .formats import (FINGERPRINT_SCHEME, FOLDER_MARKER, IMAGE_DIGEST_FILES, ITEM_PATH_FILES, MANIFEST,
+                      PREPARED_FORMAT, PREPARED_FORMAT_VERSION, PREPARED_MARKER, PREPARED_V1_FILES, RUN_FORMAT,
+                      file_fingerprint, folder_kind, is_incremental, listed_file_problem, prepare_command,
+                      read_json_object)
 
 DEFAULT_MAX_SIDE = 256
 JPEG_QUALITY = 90
@@ -68,8 +80,12 @@ JPEG_QUALITY = 90
 # side is brought to --max-side, are bad images.
 MIN_STORED_SIDE = 4
 ITEM_DIGEST_FILES = {"query": "query_item_digests.npy", "database": "database_item_digests.npy"}
+PARTS = ("query", "database")
 # Every file a preparation of this version holds; a prepared folder holding anything else is not replaced.
-PREPARED_FILES = PREPARED_V1_FILES | {FOLDER_MARKER, *ITEM_DIGEST_FILES.values()}
+PREPARED_FILES = PREPARED_V1_FILES | {FOLDER_MARKER, *ITEM_DIGEST_FILES.values(), *IMAGE_DIGEST_FILES.values(),
+                                      *ITEM_PATH_FILES.values()}
+# --classes K (the class-rounds protocol: classes 0..K-1 so far) applies to these single-label datasets.
+CLASS_ROUND_DATASETS = ("fashion-mnist", "cifar-10")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,8 +100,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "default each list's own folder)")
     parser.add_argument("--out", type=Path, required=True, help="output folder: new, empty, or a preparation "
                         "(never a run folder or another non-empty folder)")
+    parser.add_argument("--extends", type=Path, metavar="OLD_DATA",
+                        help="a new round: --out begins with OLD_DATA's database, bit-identical, then this round's "
+                             "items (image-list: the items of --database-list; fashion-mnist, cifar-10: the classes "
+                             "that --classes adds); options not given are OLD_DATA's")
+    parser.add_argument("--classes", type=int, metavar="K", help="fashion-mnist, cifar-10: keep classes 0..K-1 "
+                        "only (the class-rounds protocol); with --extends, K must exceed the classes OLD_DATA has")
     parser.add_argument("--num-seen", type=int, help="number of original classes (0..K-1); default: 7 for "
-                        "fashion-mnist and cifar-10, 18 for nus-wide-tc21; required for image-list")
+                        "fashion-mnist and cifar-10 (--classes K: K, every item original), 18 for nus-wide-tc21; "
+                        "required for image-list; with --extends: OLD_DATA's classes")
     parser.add_argument("--resolution", type=int, help="raw datasets (fashion-mnist, cifar-10): stored side in "
                         f"pixels, at least {MIN_STORED_SIDE} (default: native, 28 / 32)")
     parser.add_argument("--max-side", type=int, help=f"JPEG datasets (nus-wide-tc21, image-list): longest stored "
@@ -129,7 +152,8 @@ def output_request(args: argparse.Namespace) -> Dict[str, object]:
     def path_or_none(path: Optional[Path]) -> Optional[str]:
         return str(path.resolve()) if path is not None else None
     return {
-        "dataset": args.dataset, "root": path_or_none(args.root), "num_seen": args.num_seen,
+        "dataset": args.dataset, "extends": path_or_none(args.extends), "classes": args.classes,
+        "root": path_or_none(args.root), "num_seen": args.num_seen,
         "resolution": args.resolution, "max_side": args.max_side, "skip_bad": bool(args.skip_bad),
         "database_per_class": args.database_per_class, "query_per_class": args.query_per_class,
         "database_list": path_or_none(args.database_list), "query_list": path_or_none(args.query_list),
@@ -147,37 +171,62 @@ class Split:
     num_original: int
 
 
-def select_rows(part: SourcePart, per_class: Optional[int], excluded: Set[int]) -> np.ndarray:
+def classes_between(labels: np.ndarray, first: int, end: int) -> np.ndarray:
+    """Rows whose classes all lie below `end`, one of them at least `first`: the items that a class round
+    bringing classes first..end-1 adds (first = 0: every item of classes 0..end-1)."""
+    return ~is_incremental(labels, end) & is_incremental(labels, first)
+
+
+def select_rows(part: SourcePart, per_class: Optional[int], excluded: Set[int],
+                classes: Optional[tuple] = None) -> np.ndarray:
+    """The part's rows, less `excluded`, within the class window (first, end) if given, then the first
+    `per_class` of each class; in source order."""
     rows = np.asarray([r for r in part.rows if int(r) not in excluded], dtype=np.int64) if excluded \
         else np.asarray(part.rows, dtype=np.int64)
+    if classes is not None:
+        rows = rows[classes_between(part.labels[rows], *classes)]
     if per_class is not None and len(rows):
         rows = rows[first_rows_per_class(part.labels[rows], per_class)]
     return rows
 
 
 def make_split(dataset: SourceDataset, num_seen: int, database_per_class: Optional[int],
-               query_per_class: Optional[int], excluded_query: Set[int], excluded_database: Set[int]) -> Split:
-    query_rows = select_rows(dataset.query, query_per_class, excluded_query)
-    database_rows = select_rows(dataset.database, database_per_class, excluded_database)
+               query_per_class: Optional[int], excluded_query: Set[int], excluded_database: Set[int],
+               classes: Optional[int] = None) -> Split:
+    """The split of a first preparation; `classes` K keeps the items of classes 0..K-1 only."""
+    window = (0, classes) if classes is not None else None
+    query_rows = select_rows(dataset.query, query_per_class, excluded_query, window)
+    database_rows = select_rows(dataset.database, database_per_class, excluded_database, window)
     incremental = is_incremental(dataset.database.labels[database_rows], num_seen)
     ordered = np.concatenate([database_rows[~incremental], database_rows[incremental]])
     split = Split(query_rows, ordered, int((~incremental).sum()))
-    check_split_not_empty(dataset, split, num_seen)
+    check_split_not_empty(dataset, split, num_seen, first_round=classes is not None and num_seen == classes)
     return split
 
 
-def check_split_not_empty(dataset: SourceDataset, split: Split, num_seen: int) -> None:
+def check_split_not_empty(dataset: SourceDataset, split: Split, num_seen: int, first_round: bool = False) -> None:
+    """Every part holds items; except the incremental part of a first class round (--classes K, num_seen K),
+    whose items are all original: its new classes come with the next round (--extends)."""
     checks = [(len(split.query_rows), f"the query part ({dataset.query.origin})"),
               (split.num_original, f"the original database part (items with all labels < {num_seen}, "
-                                   f"from {dataset.database.origin})"),
-              (len(split.database_rows) - split.num_original,
-               f"the incremental database part (items with a label >= {num_seen}, from {dataset.database.origin})")]
+                                   f"from {dataset.database.origin})")]
+    if not first_round:
+        checks.append((len(split.database_rows) - split.num_original,
+                       f"the incremental database part (items with a label >= {num_seen}, from "
+                       f"{dataset.database.origin})"))
     for count, what in checks:
         if count == 0:
-            raise ValueError(f"{dataset.name}: {what} is empty; check --num-seen and the per-class limits")
+            raise ValueError(f"{dataset.name}: {what} is empty; check --num-seen, --classes and the per-class "
+                             f"limits")
 
 
-def resolve_num_seen(dataset: SourceDataset, requested: Optional[int]) -> int:
+def resolve_num_seen(dataset: SourceDataset, requested: Optional[int], classes: Optional[int] = None) -> int:
+    """--num-seen, or its default: with --classes K, K (every item original: a first class round)."""
+    if classes is not None:
+        num_seen = requested if requested is not None else classes
+        if not 1 <= num_seen <= classes:
+            raise ValueError(f"--num-seen: expected 1..{classes} with --classes {classes}, got {num_seen}")
+        return num_seen
     num_seen = requested if requested is not None else dataset.default_num_seen
     if num_seen is None:
         raise ValueError(f"--num-seen is required for --dataset {dataset.name} (number of original classes)")
@@ -185,6 +234,12 @@ def resolve_num_seen(dataset: SourceDataset, requested: Optional[int]) -> int:
         raise ValueError(f"--num-seen: expected 1..{dataset.num_classes - 1} for {dataset.name} "
                          f"({dataset.num_classes} classes), got {num_seen}")
     return num_seen
+
+
+def check_classes(dataset: SourceDataset, classes: Optional[int]) -> None:
+    if classes is not None and classes > dataset.num_classes:
+        raise ValueError(f"--classes: expected 1..{dataset.num_classes} for {dataset.name} ({dataset.num_classes} "
+                         f"classes), got {classes}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,6 +282,10 @@ class WriterItems:
 
     def __getitem__(self, position: int):
         self.workers.record(position)
+        return self.item(position)
+
+    def item(self, position: int):
+        """(image, labels, position), unrecorded: a part that also serves other items records its own."""
         placeholder = np.zeros((8, 8, 3), dtype=np.uint8)
         if self.abort.value:
             return placeholder, self.labels[position], position
@@ -305,19 +364,30 @@ def write_beton(path: Path, items: WriterItems, fields, num_workers: int, page_s
     return time.perf_counter() - start
 
 
-def write_part(folder: Path, name: str, dataset: SourceDataset, rows: np.ndarray, args, side, max_side) -> np.ndarray:
-    """Write <name>.beton for these source rows; returns the rows of bad images (empty if none)."""
-    items = WriterItems(getattr(dataset, name), rows, side, max_side, stop_on_bad=not args.skip_bad,
-                        num_workers=args.num_workers)
+def write_part(folder: Path, name: str, dataset: SourceDataset, rows: np.ndarray, args, side, max_side,
+               inherited=None) -> np.ndarray:
+    """Write <name>.beton for these source rows; returns the rows of bad images (empty if none). With
+    `inherited` (an `extend.InheritedPart`), the previous round's stored items come first, copied verbatim."""
+    items = new_items = WriterItems(getattr(dataset, name), rows, side, max_side, stop_on_bad=not args.skip_bad,
+                                    num_workers=args.num_workers)
+    fields = beton_fields(dataset.storage, dataset.num_classes, max_side)
     largest = 3 * (side or max_side) ** 2
-    logger.info(f"writing {name}.beton: {len(rows):,} images with {args.num_workers} worker(s)")
-    elapsed = write_beton(folder / f"{name}.beton", items, beton_fields(dataset.storage, dataset.num_classes,
-                                                                        max_side), args.num_workers,
-                          page_size_for(largest))
-    logger.info(f"{name}.beton: {len(rows):,} images in {elapsed:.1f} s ({len(rows) / max(elapsed, 1e-9):,.0f} images/s)")
-    bad = items.bad_positions()
+    if inherited is not None:
+        from .extend import RoundItems, round_fields
+        items = RoundItems(inherited, new_items, dataset.num_classes, args.num_workers)
+        fields = round_fields(fields)
+        largest = max(largest, inherited.largest_image_bytes)
+    path = folder / f"{name}.beton"
+    logger.info(f"writing {name}.beton: {len(items):,} images with {args.num_workers} worker(s)")
+    elapsed = write_beton(path, items, fields, args.num_workers, page_size_for(largest))
+    if inherited is not None:
+        from .extend import record_image_field_type
+        record_image_field_type(path)
+    logger.info(f"{name}.beton: {len(items):,} images in {elapsed:.1f} s ({len(items) / max(elapsed, 1e-9):,.0f} "
+                f"images/s)")
+    bad = new_items.bad_positions()
     if len(bad) and not args.skip_bad:
-        raise_first_bad(items, bad[0])
+        raise_first_bad(new_items, bad[0])
     return rows[bad]
 
 
@@ -329,15 +399,18 @@ def raise_first_bad(items: WriterItems, position: int) -> None:
     raise ValueError(f"{items.describe(position)} failed while writing but reads fine now; rerun")
 
 
-def write_parts_skipping_bad(folder: Path, dataset: SourceDataset, num_seen: int, args, side, max_side):
-    """Write both betons; with --skip-bad, drop bad images and rewrite the part without them."""
+def write_parts_skipping_bad(folder: Path, dataset: SourceDataset, make_split_without, args, side, max_side,
+                             inherited: Optional[dict] = None):
+    """Write both betons; with --skip-bad, drop bad images and rewrite the part without them.
+
+    `make_split_without(excluded)` gives the source rows to write (.query_rows, .database_rows) without the
+    excluded ones; `inherited` ({part: extend.InheritedPart}) puts the previous round's items first."""
     excluded: Dict[str, Set[int]] = {"query": set(), "database": set()}
     while True:
-        split = make_split(dataset, num_seen, args.database_per_class, args.query_per_class,
-                           excluded["query"], excluded["database"])
+        split = make_split_without(excluded)
         newly_bad = {}
         for name, rows in (("query", split.query_rows), ("database", split.database_rows)):
-            bad = write_part(folder, name, dataset, rows, args, side, max_side)
+            bad = write_part(folder, name, dataset, rows, args, side, max_side, (inherited or {}).get(name))
             if len(bad):
                 newly_bad[name] = bad
         if not newly_bad:
@@ -348,14 +421,15 @@ def write_parts_skipping_bad(folder: Path, dataset: SourceDataset, num_seen: int
             excluded[name].update(int(r) for r in bad)
 
 
-def read_back_parts(folder: Path, dataset: SourceDataset, split: "Split") -> Dict[str, StoredItems]:
-    """Read every stored item back (checked against what was written), save the per-item digests."""
+def read_back_parts(folder: Path, labels: Dict[str, np.ndarray]) -> Dict[str, StoredItems]:
+    """Read every stored item back (checked against the label rows written), save the per-item digests."""
     stored = {}
-    for name, rows in (("query", split.query_rows), ("database", split.database_rows)):
+    for name in PARTS:
         start = time.perf_counter()
-        stored[name] = read_back(folder / f"{name}.beton", getattr(dataset, name).labels[rows])
+        stored[name] = read_back(folder / f"{name}.beton", labels[name])
         np.save(folder / ITEM_DIGEST_FILES[name], stored[name].digests)
-        logger.info(f"{name}.beton: {len(rows):,} items read back and digested in "
+        np.save(folder / IMAGE_DIGEST_FILES[name], stored[name].image_digests)
+        logger.info(f"{name}.beton: {len(labels[name]):,} items read back and digested in "
                     f"{time.perf_counter() - start:.2f} s")
     return stored
 
@@ -370,6 +444,10 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_sha256_or_none(path: Path) -> Optional[str]:
+    return sha256_of(path) if path.is_file() else None
 
 
 def class_counts(labels: np.ndarray) -> Dict[str, object]:
@@ -404,40 +482,105 @@ def listed_files(folder: Path) -> Dict[str, Dict[str, object]]:
             for path in sorted(folder.iterdir()) if path.name != MANIFEST}
 
 
-def build_manifest(dataset: SourceDataset, split: Split, num_seen: int, excluded: Dict[str, Set[int]],
-                   args, side, max_side, stored: Dict[str, StoredItems],
+FIRST_ROUND_ORDER = ("database = original items (all labels < num_seen) in source order, then incremental items "
+                     "(any label >= num_seen) in source order")
+
+
+@dataclass
+class Contents:
+    """What a preparation holds, part by part ("query", "database"), and how its database splits."""
+    labels: Dict[str, np.ndarray]         # uint8 (rows, num_classes) multi-hot
+    source_index: Dict[str, np.ndarray]   # each position's row in the source of the round that added it
+    paths: Optional[Dict[str, List[str]]]   # image-list: each position's image file (absolute)
+    num_original: int                     # rows [0, num_original) of the database: original (or inherited) items
+    num_seen: int
+    classes_so_far: int                   # the classes 0..K-1 its items may carry (see formats.classes_so_far)
+    skipped: Dict[str, List[str]]         # this round's bad images, skipped (--skip-bad), described
+    order: str                            # the database order, in words
+    rounds: List[dict]                    # one entry per round: the rows it added, its classes, its sources
+    extends: Optional[dict] = None        # the preparation this one extends (see `extend`)
+
+
+def source_records(dataset: SourceDataset) -> List[Dict[str, object]]:
+    return [{"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+            for path in dataset.source_files]
+
+
+def round_record(database_rows: tuple, query_rows: tuple, classes_so_far: int,
+                 sources: List[Dict[str, object]]) -> Dict[str, object]:
+    """A round of a preparation: the database and query rows [start, end) it added, the classes 0..K-1 so far,
+    the sources it read (its source_index values are rows of these)."""
+    return {"database_rows": list(database_rows), "query_rows": list(query_rows), "num_classes_so_far": classes_so_far,
+            "sources": sources, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def item_paths(dataset: SourceDataset, name: str, rows: np.ndarray) -> List[str]:
+    images = getattr(dataset, name).images
+    return [os.path.abspath(images.path(int(row))) for row in rows]
+
+
+def first_round_contents(dataset: SourceDataset, split: Split, num_seen: int, excluded: Dict[str, Set[int]],
+                         classes: Optional[int]) -> Contents:
+    rows = {"query": split.query_rows, "database": split.database_rows}
+    classes_so_far = classes if classes is not None else dataset.num_classes
+    return Contents(
+        labels={name: getattr(dataset, name).labels[rows[name]].astype(np.uint8) for name in PARTS},
+        source_index={name: rows[name].astype(np.int64) for name in PARTS},
+        paths={name: item_paths(dataset, name, rows[name]) for name in PARTS} if dataset.name == "image-list" else None,
+        num_original=split.num_original, num_seen=num_seen, classes_so_far=classes_so_far,
+        skipped={name: [getattr(dataset, name).images.describe(r) for r in sorted(excluded[name])] for name in PARTS},
+        order=FIRST_ROUND_ORDER,
+        rounds=[round_record((0, len(split.database_rows)), (0, len(split.query_rows)), classes_so_far,
+                             source_records(dataset))])
+
+
+def build_manifest(dataset: SourceDataset, contents: Contents, args, side, max_side, stored: Dict[str, StoredItems],
                    files: Dict[str, Dict[str, object]]) -> Dict[str, object]:
-    database_labels = dataset.database.labels[split.database_rows]
-    query_labels = dataset.query.labels[split.query_rows]
-    skipped = {name: [getattr(dataset, name).images.describe(r) for r in sorted(rows)]
-               for name, rows in excluded.items()}
+    database_labels, query_labels = contents.labels["database"], contents.labels["query"]
+    num_original = contents.num_original
+    skipped = contents.skipped
     request = output_request(args)
     return {
         "format": PREPARED_FORMAT, "format_version": PREPARED_FORMAT_VERSION, "dihn_dist_version": __version__,
         "dataset": dataset.name,
-        "protocol": {**dataset.protocol,
-                     "order": "database = original items (all labels < num_seen) in source order, "
-                              "then incremental items (any label >= num_seen) in source order",
+        "protocol": {**dataset.protocol, "order": contents.order, "classes": args.classes,
                      "database_per_class": args.database_per_class, "query_per_class": args.query_per_class},
-        "class_names": dataset.class_names, "num_classes": dataset.num_classes, "num_seen": num_seen,
-        "num_query": int(len(split.query_rows)), "num_database": int(len(split.database_rows)),
-        "num_original": split.num_original,
-        "num_incremental": int(len(split.database_rows) - split.num_original),
+        "class_names": dataset.class_names, "num_classes": dataset.num_classes, "num_seen": contents.num_seen,
+        "num_classes_so_far": contents.classes_so_far,
+        "num_query": int(len(query_labels)), "num_database": int(len(database_labels)),
+        "num_original": num_original, "num_incremental": int(len(database_labels) - num_original),
+        "num_inherited": num_original if contents.extends is not None else 0,
+        "extends": contents.extends,
+        "rounds": contents.rounds,
         "counts": {"query": class_counts(query_labels), "database": class_counts(database_labels),
-                   "database_original": class_counts(database_labels[:split.num_original]),
-                   "database_incremental": class_counts(database_labels[split.num_original:])},
+                   "database_original": class_counts(database_labels[:num_original]),
+                   "database_incremental": class_counts(database_labels[num_original:])},
         "image": image_description(dataset, side, max_side, stored),
         "skipped_bad": {"query": len(skipped["query"]), "database": len(skipped["database"]), "images": skipped},
-        "sources": [{"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256_of(path)}
-                    for path in dataset.source_files],
+        "sources": contents.rounds[-1]["sources"],
         "source_index": {"query": "query_source_index.npy", "database": "database_source_index.npy"},
         "item_digests": {**ITEM_DIGEST_FILES, "scheme": ITEM_DIGEST_SCHEME},
+        "image_digests": {**IMAGE_DIGEST_FILES, "scheme": IMAGE_DIGEST_SCHEME},
+        "item_paths": dict(ITEM_PATH_FILES) if contents.paths is not None else None,
         "request": request,
         "command": prepare_command(request, args.out.resolve()),
         "files": files,
         "fingerprint": FINGERPRINT_SCHEME,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def save_preparation(folder: Path, dataset: SourceDataset, contents: Contents, args, side, max_side,
+                     stored: Dict[str, StoredItems]) -> None:
+    """The label, source-index and item-path files, then the manifest (last: it lists every other file)."""
+    for name in PARTS:
+        np.save(folder / f"{name}_labels.npy", contents.labels[name])
+        np.save(folder / f"{name}_source_index.npy", contents.source_index[name])
+        if contents.paths is not None:
+            (folder / ITEM_PATH_FILES[name]).write_text("".join(path + "\n" for path in contents.paths[name]))
+    fsync_folder_files(folder)
+    manifest = build_manifest(dataset, contents, args, side, max_side, stored, listed_files(folder))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,6 +625,11 @@ def preparation_problem(out: Path, request: Dict[str, object]) -> Optional[str]:
     if differences:
         listing = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differences.items())
         return f"made with other options ({listing})"
+    extends = manifest.get("extends")
+    if isinstance(extends, dict):
+        old_manifest = Path(str(extends.get("path"))) / MANIFEST
+        if extends.get("manifest_sha256") != file_sha256_or_none(old_manifest):
+            return f"that extends {extends.get('path')}, which has changed since (its {MANIFEST} differs)"
     files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
     for name, entry in files.items():
         problem = listed_file_problem(out / name, entry)
@@ -591,10 +739,14 @@ def stored_sizes(dataset: SourceDataset, args) -> tuple:
 
 
 def check_flags(args) -> None:
-    for flag in ("num_seen", "num_workers", "database_per_class", "query_per_class"):
+    for flag in ("num_seen", "num_workers", "database_per_class", "query_per_class", "classes"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     for flag in ("resolution", "max_side"):
         check_side(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.classes is not None and args.dataset not in CLASS_ROUND_DATASETS:
+        raise ValueError(f"--classes applies to {' and '.join(CLASS_ROUND_DATASETS)} (the class-rounds protocol), "
+                         f"not {args.dataset}" + ("; an image-list round lists its own items: --extends OLD_DATA "
+                                                   "--database-list NEW_ITEMS" if args.dataset == "image-list" else ""))
     if args.num_workers is None:
         args.num_workers = available_cpus()
 
@@ -602,43 +754,63 @@ def check_flags(args) -> None:
 def prepare(args: argparse.Namespace) -> Path:
     out: Path = args.out
     check_flags(args)
+    old = None
+    if args.extends is not None:
+        from .extend import open_old_preparation
+        old = open_old_preparation(args)   # checks OLD_DATA and --out; fills in the options NEW inherits
     if out_is_done(out, args):
         return out
     dataset = open_dataset(args.dataset, args.root, database_list=args.database_list,
                            query_list=args.query_list, max_side=args.max_side or DEFAULT_MAX_SIDE)
-    num_seen = resolve_num_seen(dataset, args.num_seen)
+    check_classes(dataset, args.classes)
     side, max_side = stored_sizes(dataset, args)
-    make_split(dataset, num_seen, args.database_per_class, args.query_per_class, set(), set())   # fail early
+    if old is None:
+        num_seen = resolve_num_seen(dataset, args.num_seen, args.classes)
+        make_split(dataset, num_seen, args.database_per_class, args.query_per_class, set(), set(),
+                   args.classes)   # fail early
+        write = lambda folder: write_all(folder, dataset, num_seen, args, side, max_side)  # noqa: E731
+    else:
+        from .extend import plan_round, write_round
+        plan = plan_round(dataset, old, args)   # fail early: the new items, each checked against OLD's
+        write = lambda folder: write_round(folder, dataset, old, plan, args, side, max_side)  # noqa: E731
+    write_atomically(out, write)
+    logger.info(f"prepared {out}")
+    return out
+
+
+def write_atomically(out: Path, write) -> None:
+    """write(folder) into a temporary folder beside `out`, renamed to `out` once complete; removed on any error."""
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
     temporary = temporary_folder(out)
     temporary.mkdir()
     try:
         write_marker(temporary)
-        write_all(temporary, dataset, num_seen, args, side, max_side)
+        write(temporary)
         publish(temporary, out)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    logger.info(f"prepared {out}")
-    return out
 
 
 def write_all(folder: Path, dataset: SourceDataset, num_seen: int, args, side, max_side) -> None:
+    """A first preparation (no --extends)."""
     start = time.perf_counter()
-    split, excluded = write_parts_skipping_bad(folder, dataset, num_seen, args, side, max_side)
-    stored = read_back_parts(folder, dataset, split)
-    np.save(folder / "database_labels.npy", dataset.database.labels[split.database_rows].astype(np.uint8))
-    np.save(folder / "query_labels.npy", dataset.query.labels[split.query_rows].astype(np.uint8))
-    np.save(folder / "database_source_index.npy", split.database_rows.astype(np.int64))
-    np.save(folder / "query_source_index.npy", split.query_rows.astype(np.int64))
-    fsync_folder_files(folder)
-    manifest = build_manifest(dataset, split, num_seen, excluded, args, side, max_side, stored, listed_files(folder))
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    total = len(split.query_rows) + len(split.database_rows)
-    elapsed = time.perf_counter() - start
-    logger.info(f"{dataset.name}: {len(split.database_rows):,} database ({split.num_original:,} original) + "
-                f"{len(split.query_rows):,} query images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):,.0f} images/s)")
+    split, excluded = write_parts_skipping_bad(
+        folder, dataset, lambda excluded: make_split(dataset, num_seen, args.database_per_class, args.query_per_class,
+                                                     excluded["query"], excluded["database"], args.classes),
+        args, side, max_side)
+    contents = first_round_contents(dataset, split, num_seen, excluded, args.classes)
+    stored = read_back_parts(folder, contents.labels)
+    save_preparation(folder, dataset, contents, args, side, max_side, stored)
+    log_written(dataset, contents, time.perf_counter() - start)
+
+
+def log_written(dataset: SourceDataset, contents: Contents, elapsed: float) -> None:
+    num_database, num_query = len(contents.labels["database"]), len(contents.labels["query"])
+    kind = "inherited" if contents.extends is not None else "original"
+    logger.info(f"{dataset.name}: {num_database:,} database ({contents.num_original:,} {kind}) + {num_query:,} query "
+                f"images in {elapsed:.1f} s ({(num_database + num_query) / max(elapsed, 1e-9):,.0f} images/s)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -653,4 +825,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module, not this __main__ one: dihn_dist.extend imports
+    # dihn_dist.prepare, and one copy must serve both.
+    from dihn_dist.prepare import main as package_main
+    sys.exit(package_main())
