@@ -49,6 +49,8 @@ class Config:
     augment: str = "crop-flip"
     stage: List[str] = field(default_factory=lambda: ["original", "incremental"])
     old_run: Optional[str] = None
+    old_stage: Optional[str] = None
+    old_codes: Optional[str] = None
     eval_every: int = 0
     precision_k: int = 1000
     collective_timeout: float = 1800.0
@@ -67,7 +69,7 @@ class Config:
 RESUME_INVARIANTS = ("batch_size", "lr", "weight_decay", "code_length", "max_iter", "max_epoch",
                      "num_samples", "gamma", "mu", "lr_decay_original", "lr_decay_incremental",
                      "soft_similarity", "seed", "arch", "pretrained", "resolution", "augment", "old_run",
-                     "precision")
+                     "old_stage", "old_codes", "precision")
 
 DEBUG_DEFAULTS = {"max_iter": 2, "max_epoch": 1, "num_samples": 200}
 
@@ -218,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--augment", choices=AUGMENTATIONS, help="training augmentation (seeded, applied on the device)")
     a("--stage", type=_stages_argument, help="original, incremental, retrain, all (= original,incremental) or a "
                                              "comma-separated list; retrain = ADSH from scratch on everything")
-    a("--old-run", help="run folder whose stage-1 codes and model start stage 2 (instead of training stage 1)")
+    a("--old-run", help="a finished run whose codes are B_old for stage 2 (a previous round: its database must be "
+                        "the beginning of --data's, e.g. --data prepared with --extends its data)")
+    a("--old-stage", choices=("original", "incremental", "retrain"),
+      help="which stage of --old-run gives B_old (default: incremental if it finished, else original)")
+    a("--old-codes", help="B_old from elsewhere: a .npy of int8 +-1 codes, or of packed bits (numpy.packbits rows, "
+                          "with --code-length), one row per inherited database row of --data, in its order")
     a("--eval-every", type=int, help="evaluate every N outer iterations (0: only at the end of a stage)")
     a("--precision-k", type=int, help="k of precision@k in the evaluation")
     a("--collective-timeout", type=float, help="seconds a rank waits in a collective (e.g. for rank 0's code "
@@ -274,5 +281,10 @@ def validate(config: Config) -> None:
             raise ValueError(f"{flag(name)}: expected one of {', '.join(choices)}, got {getattr(config, name)!r}")
     if config.augment not in AUGMENTATIONS:
         raise ValueError(f"--augment: expected one of {', '.join(AUGMENTATIONS)}, got {config.augment!r}")
-    if config.old_run and "original" in config.stage:
-        raise ValueError("--old-run supplies stage 1: use it with --stage incremental (or retrain), not original")
+    for name in ("old_run", "old_codes"):
+        if getattr(config, name) and "original" in config.stage:
+            raise ValueError(f"{flag(name)} supplies B_old: use it with --stage incremental (or retrain), not original")
+    if config.old_run and config.old_codes:
+        raise ValueError("--old-run and --old-codes both supply B_old: pass one of them")
+    if config.old_stage and not config.old_run:
+        raise ValueError("--old-stage chooses the stage of --old-run: pass --old-run too")

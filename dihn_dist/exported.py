@@ -226,3 +226,39 @@ def load_stages(run: ExportedRun, names: Optional[List[str]] = None) -> Dict[str
         raise IncompleteRunError(f"{run.root} has no finished stage (no <stage>/result.json); "
                                  f"`{train_command(run.root)}` trains and exports them")
     return {name: load_stage(run, name) for name in names}
+
+
+def load_codes_file(path, code_length: Optional[int] = None) -> np.ndarray:
+    """Codes from a .npy file as int8 +-1 rows: +-1 values of any integer or float dtype (int8 as the trainer
+    exports them, database_codes.npy), or uint8 rows of numpy.packbits(codes > 0, axis=1) (the trainer's
+    database_codes.packed.npy; code_length is then needed, padding bits must be 0). One-line errors name
+    the file and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a .npy of +-1 codes or of packed bits)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path}: not a readable .npy file ({error})") from error
+    if array.ndim != 2:
+        raise ValueError(f"{path}: expected a 2-D array (one code per row), got shape {array.shape}")
+    if array.dtype == np.uint8:
+        if code_length is None:
+            raise ValueError(f"{path}: holds packed bits (uint8); pass --code-length to say how many bits a code has")
+        if array.shape[1] != (code_length + 7) // 8:
+            raise ValueError(f"{path}: packed rows of {array.shape[1]} bytes, but {code_length}-bit codes take "
+                             f"{(code_length + 7) // 8}")
+        if code_length % 8 and (np.unpackbits(array[:, -1:], axis=1)[:, code_length % 8:] != 0).any():
+            raise ValueError(f"{path}: padding bits beyond bit {code_length} are set: not packbits of "
+                             f"{code_length}-bit codes (another bit order or code length?)")
+        return unpack_codes(array, code_length)
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{path}: expected +-1 codes (int8) or packed bits (uint8), got dtype {array.dtype}")
+    bad = ~np.isin(array, (-1, 1))
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise ValueError(f"{path}: codes must be +-1, row {row} column {column} holds {array[row, column]!r} "
+                         f"(0/1 bits? pack them with numpy.packbits(bits, axis=1) and pass the uint8 file)")
+    if code_length is not None and array.shape[1] != code_length:
+        raise ValueError(f"{path}: codes of {array.shape[1]} bits, this run uses --code-length {code_length}")
+    return array.astype(np.int8)

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 
 from . import dist
-from .formats import FOLDER_MARKER, RUN_FORMAT, STAGE_TITLES, STAGES, folder_kind, train_command
+from .exported import load_codes_file
+from .hashing import check_codes
+from .formats import FOLDER_MARKER, IMAGE_DIGEST_FILES, RUN_FORMAT, STAGE_TITLES, STAGES, folder_kind, train_command
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -81,7 +83,7 @@ def codes_checksum(codes: torch.Tensor) -> str:
 
 # Settings that name files: config.json keeps them absolute, so that the commands the tools print
 # (`--config RUN/config.json --out RUN ...`) work from any folder.
-PATH_SETTINGS = ("data", "old_run", "pretrained")
+PATH_SETTINGS = ("data", "old_run", "old_codes", "pretrained")
 
 
 def stored_settings(config) -> dict:
@@ -186,6 +188,10 @@ class RunFolder:
         atomic_write_json(self.path("manifest.json"), data.manifest)
         atomic_save_numpy(self.path("database_labels.npy"), data.database_labels)
         atomic_save_numpy(self.path("query_labels.npy"), data.query_labels)
+        # A later round's --old-run checks, item by item, that its data begins with this run's.
+        digests = data.root / IMAGE_DIGEST_FILES["database"]
+        if digests.is_file():
+            atomic_write_bytes(self.path(IMAGE_DIGEST_FILES["database"]), digests.read_bytes())
 
     def remove_stale_temp_files(self) -> None:
         """Temp files of writes that a kill -9 interrupted (never renamed into place)."""
@@ -253,30 +259,40 @@ def _resume_invariants():
     return RESUME_INVARIANTS
 
 
-def load_old_stage(config, data, run: RunFolder) -> dict:
-    """B_old and the original model that stage 2 starts from: --old-run's finished stage 1, else this run's."""
-    from .hashing import check_codes
-    source = RunFolder(config.old_run) if config.old_run else run
-    if not source.stage_complete("original"):
-        raise FileNotFoundError(
-            f"{source.root}: has no finished original stage (stage 1), which stage 2 starts from; run "
-            f"--stage original first, or pass --old-run RUN_DIR of a run that has one")
-    if config.old_run:
-        old_config = source.read_json("config.json")
-        old_manifest = source.read_json("manifest.json")
-        for key, ours in (("code_length", config.code_length), ("arch", config.arch)):
-            if old_config.get(key) != ours:
-                raise ValueError(f"--old-run {source.root}: was trained with {key} {old_config.get(key)!r}, "
-                                 f"this run uses {ours!r}")
-        for key in ("dataset", "num_original", "num_database", "num_seen"):
-            if old_manifest.get(key) != data.manifest.get(key):
-                raise ValueError(f"--old-run {source.root}: its data has {key} {old_manifest.get(key)!r}, "
-                                 f"--data {data.root} has {data.manifest.get(key)!r}")
-    old = source.load_stage("original")
-    codes = old["database_codes"]
-    name = f"{source.root}/original/database_codes.npy"
+def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
+    """B_old: the codes of the data's inherited rows [0, num_original), which stage 2 keeps bit for bit.
+
+    From --old-codes FILE (codes from elsewhere), from --old-run RUN (its --old-stage, default its last
+    finished stage: incremental, else original; RUN's database must be a prefix of --data's, checked item
+    by item), or from this run's own finished stage 1."""
+    from .data import check_database_prefix
+    if config.old_codes:
+        name = config.old_codes
+        codes = torch.from_numpy(load_codes_file(config.old_codes, config.code_length))
+    else:
+        if config.old_run:
+            source = RunFolder(config.old_run)
+            stage = config.old_stage or ("incremental" if source.stage_complete("incremental") else "original")
+        else:
+            source, stage = run, "original"
+        if not source.stage_complete(stage):
+            raise FileNotFoundError(
+                f"{source.root}: has no finished {stage} stage, which stage 2 starts from; run --stage {stage} "
+                f"first, or pass --old-run RUN_DIR of a run that has one (or --old-codes FILE)")
+        if config.old_run:
+            old_config = source.read_json("config.json")
+            if old_config.get("code_length") != config.code_length:
+                raise ValueError(f"--old-run {source.root}: was trained with code_length "
+                                 f"{old_config.get('code_length')!r}, this run uses {config.code_length!r}")
+            try:
+                check_database_prefix(source.root, data)
+            except ValueError as mismatch:
+                raise ValueError(f"--old-run {source.root}: its database is not the beginning of --data "
+                                 f"{data.root}'s ({mismatch}); prepare --data with --extends the old run's data") from None
+        name = f"{source.root}/{stage}/database_codes.npy"
+        codes = source.load_stage(stage)["database_codes"]
     if tuple(codes.shape) != (data.num_original, config.code_length):
-        raise ValueError(f"{name}: expected shape ({data.num_original}, {config.code_length}), found "
-                         f"{tuple(codes.shape)}")
+        raise ValueError(f"{name}: expected ({data.num_original}, {config.code_length}) codes, one per inherited "
+                         f"database row of --data {data.root}, found {tuple(codes.shape)}")
     check_codes(name, codes)
-    return old
+    return codes

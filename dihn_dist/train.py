@@ -32,7 +32,7 @@ from .data import (PreparedData, TrainLoader, batch_schedule, eval_batches, glob
 from .models import (MixedPrecision, build_model, encode_batches, input_resolution, untrained_backbone_warning,
                      use_channels_last)
 from .reporting import Reporter, log_iteration, log_start, logging_to, print_table, progress
-from .runfolder import RunFolder, codes_checksum, load_old_stage
+from .runfolder import RunFolder, codes_checksum, load_old_codes
 from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_generator, stage_spec
 
 
@@ -87,8 +87,11 @@ def check_inputs(config: Config):
         if not ctx.world_size <= config.num_samples <= stage.num_database:
             raise ValueError(f"--num-samples {config.num_samples}: expected {ctx.world_size}..{stage.num_database} "
                              f"(the database of stage {name} has {stage.num_database} items)")
+    if "incremental" in config.stage and data.num_database == data.num_original:
+        raise ValueError(f"--stage incremental: --data {data.root} has no new items (all {data.num_database} "
+                         f"database rows are inherited); prepare the next round with prepare --extends")
     if "incremental" in config.stage and "original" not in config.stage and not run.stage_complete("incremental"):
-        load_old_stage(config, data, run)
+        load_old_codes(config, data, run)
     build_model(config.arch, config.code_length, config.pretrained)  # a bad --pretrained file fails here
     return data, run
 
@@ -109,7 +112,7 @@ def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, rep
         logger.info(f"stage {name}: already complete in {run.root}, skipped")
         return run.read_json(name, "result.json")
     stage = stage_spec(name, config, data)
-    frozen = load_old_stage(config, data, run)["database_codes"] if name == "incremental" else None
+    frozen = load_old_codes(config, data, run) if name == "incremental" else None
     training = StageTraining(stage, config, data, run, reporter, initial_codes(stage, config, frozen))
     logger.info(f"stage {name}: {stage.num_database} database items ({stage.num_frozen} frozen), "
                 f"{config.max_iter} outer iterations x {config.max_epoch} epochs x {config.num_samples} samples")

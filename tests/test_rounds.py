@@ -1,0 +1,118 @@
+"""Increments as users live them, through the command lines: a database that grows round after round
+(prepare --extends), each round's DIHN chained from the previous round's run (--old-run), B_old brought
+from elsewhere (--old-codes), and the refusals (a wrong prefix, a foreign old run, old codes of the wrong
+shape or values)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_TRAIN_ARGS as TINY
+from dihn_dist import prepare, train
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
+
+# Fashion-MNIST in class rounds 0-3, +4-5, +6-7, +8-9; small per-class limits keep each round seconds long.
+ROUNDS = (4, 6, 8, 10)
+SMALL = ["--dataset", "fashion-mnist", "--database-per-class", "30", "--query-per-class", "5",
+         "--resolution", "28", "--num-workers", "2"]
+TRAIN = [*TINY, "--max-iter", "2", "--num-samples", "60"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict:
+    """Four rounds, prepared and trained through the CLIs: round 1 = stage original, rounds 2-4 = DIHN from
+    the previous round's run (and the retrained baseline in round 2)."""
+    folder = tmp_path_factory.mktemp("rounds")
+    data, runs = [], []
+    for index, classes in enumerate(ROUNDS):
+        out = folder / f"data{index + 1}"
+        extends = ["--extends", str(data[-1])] if data else []
+        assert prepare.main([*SMALL, "--classes", str(classes), *extends, "--out", str(out)]) == 0
+        data.append(out)
+        run = folder / f"run{index + 1}"
+        stages = ["--stage", "original"] if not runs else \
+            ["--stage", "incremental,retrain" if index == 1 else "incremental", "--old-run", str(runs[-1])]
+        assert train.main(["--data", str(out), "--out", str(run), *TRAIN, *stages]) == 0
+        runs.append(run)
+    return {"data": data, "runs": runs, "folder": folder}
+
+
+def stage_codes(run: Path) -> np.ndarray:
+    stage = "incremental" if (run / "incremental" / "result.json").is_file() else "original"
+    return np.load(run / stage / "database_codes.npy")
+
+
+def test_every_earlier_round_is_bit_identical_in_every_later_round(chain):
+    codes = [stage_codes(run) for run in chain["runs"]]
+    assert [len(c) for c in codes] == [120, 180, 240, 300]
+    for later in range(1, len(codes)):
+        for earlier in range(later):
+            n = len(codes[earlier])
+            assert np.array_equal(codes[later][:n], codes[earlier]), (earlier + 1, later + 1)
+    for run in chain["runs"][1:]:
+        result = json.loads((run / "incremental" / "result.json").read_text())
+        assert result["frozen_checksum_before"] == result["frozen_checksum_after"]
+        assert result["frozen_rows"] == len(np.load(run / "database_labels.npy")) - 60
+
+
+def test_each_round_reports_its_new_classes_queries(chain):
+    for index, run in enumerate(chain["runs"][1:], start=1):
+        row = json.loads((run / "metrics.json").read_text())["rows"][0]
+        assert row["stage"] == "incremental" and row["num_database"] == 30 * ROUNDS[index]
+        assert row["num_queries"] == 5 * ROUNDS[index] and row["map_incremental_queries"] is not None
+    rows = [r["stage"] for r in json.loads((chain["runs"][1] / "metrics.json").read_text())["rows"]]
+    assert rows == ["incremental", "retrain"]
+
+
+def test_round_one_data_has_no_new_items_for_stage_two(chain, tmp_path, capsys):
+    assert train.main(["--data", str(chain["data"][0]), "--out", str(tmp_path / "r"), *TRAIN,
+                       "--stage", "incremental", "--old-run", str(chain["runs"][0])]) == 2
+    assert "has no new items" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_an_old_run_that_is_not_a_prefix_is_refused(chain, tiny_prepared, tmp_path, capsys):
+    data2, run3 = chain["data"][1], chain["runs"][2]
+    # round 3's run has more rows than round 2's data inherits
+    assert train.main(["--data", str(data2), "--out", str(tmp_path / "a"), *TRAIN, "--stage", "incremental",
+                       "--old-run", str(run3)]) == 2
+    assert "its database is not the beginning of --data" in capsys.readouterr().err
+    # a foreign run: the classic 7+3 preparation's run, whose items differ row by row
+    foreign = tmp_path / "foreign"
+    assert train.main(["--data", str(tiny_prepared), "--out", str(foreign), *TRAIN, "--stage", "original"]) == 0
+    assert train.main(["--data", str(data2), "--out", str(tmp_path / "b"), *TRAIN, "--stage", "incremental",
+                       "--old-run", str(foreign)]) == 2
+    message = capsys.readouterr().err
+    assert f"--old-run {foreign}: its database is not the beginning of --data" in message
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_old_codes_from_elsewhere(chain, tmp_path, capsys):
+    """B_old as int8 +-1 rows and as packed bits: the same run; wrong shapes and values are named."""
+    data2, old = chain["data"][1], stage_codes(chain["runs"][0])
+    np.save(tmp_path / "codes.npy", old)
+    np.save(tmp_path / "packed.npy", np.packbits(old > 0, axis=1))
+    outs = []
+    for name in ("codes.npy", "packed.npy"):
+        out = tmp_path / f"run-{name}"
+        assert train.main(["--data", str(data2), "--out", str(out), *TRAIN, "--stage", "incremental",
+                           "--old-codes", str(tmp_path / name)]) == 0
+        outs.append(np.load(out / "incremental" / "database_codes.npy"))
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0][:len(old)], old)
+
+    bad = {"short.npy": old[:-1], "zeros.npy": np.where(old > 0, 1, 0).astype(np.int8),
+           "wide.npy": np.concatenate([old, old], axis=1), "float.npy": old.astype(np.float32) * 0.5}
+    expected = {"short.npy": "expected (120, 8) codes, one per inherited database row",
+                "zeros.npy": "codes must be +-1, row 0 column", "wide.npy": "codes of 16 bits, this run uses "
+                "--code-length 8", "float.npy": "codes must be +-1"}
+    for name, array in bad.items():
+        np.save(tmp_path / name, array)
+        out = tmp_path / f"bad-{name}"
+        assert train.main(["--data", str(data2), "--out", str(out), *TRAIN, "--stage", "incremental",
+                           "--old-codes", str(tmp_path / name)]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert str(tmp_path / name) in line and expected[name] in line, line
+        assert not out.exists()
