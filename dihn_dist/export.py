@@ -66,7 +66,7 @@ def export_index(run_dir, out, stage: Optional[str] = None, kind: Optional[str] 
         old = serve.load_index(append_to)
         serve.check_prefix(old, packed, run.code_length, kind, source)
         index, rounds, added = old.index, list(old.sidecar["rounds"]), packed.shape[0] - old.num_rows
-        index.add(np.ascontiguousarray(packed[old.num_rows:]))
+        serve.add_rows(index, packed[old.num_rows:], run.code_length)
     rounds.append({"run": str(run.root.resolve()), "stage": stage, "rows": [packed.shape[0] - added, packed.shape[0]],
                    "codes_sha256": checksum})
     sidecar = serve.make_sidecar(index, run.code_length, checksum, run.root, stage, rounds)

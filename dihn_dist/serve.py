@@ -15,15 +15,16 @@ An index is two files, written atomically (the index first, the sidecar last):
                 and one entry per round that made the index (see make_sidecar).
 
 Codes and bits. FAISS binary indexes hold rows of d / 8 bytes and use the bytes as given: the distance is
-popcount(XOR), whatever bit order the bytes follow. The index holds the run's exported packed rows byte
-for byte (database_codes.packed.npy = numpy.packbits(codes > 0, axis=1): bit j of a code is bit 7 - j % 8
-of byte j // 8), and queries are packed the same way, so the distances are exactly the Hamming distances
-of the +-1 codes. FAISS's own float <-> bit helpers (faiss.fvecs2bitvecs, bitvecs2fvecs, used by
-IndexBinaryFromFloat and inside the IVF training) put bit j at bit j % 8 of its byte instead; decoding an
-index row with them gives the code with the bits of every byte reversed. That permutation changes no
-distance, and the IVF k-means (which sees the bits as coordinates) is invariant to permuting them.
-FAISS needs d to be a multiple of 8: a c-bit code is indexed as index_bits(c) = 8 * ceil(c / 8) bits,
-the padding bits 0 in every row and query, so they add nothing to a distance.
+popcount(XOR), whatever bit order the bytes follow. An index row is the run's exported packed row byte for
+byte (database_codes.packed.npy = numpy.packbits(codes > 0, axis=1): bit j of a code is bit 7 - j % 8 of
+byte j // 8) followed by zero bytes up to index_bytes(c), and queries are packed and padded the same way,
+so the distances are exactly the Hamming distances of the +-1 codes (padding bits are 0 on both sides).
+The padding is there for speed: FAISS has popcount kernels for rows of 4, 8, 16, 20, 32 and 64 bytes and a
+slow generic one for other sizes (48-bit codes as 6 bytes search about 3x slower than as 8).
+FAISS's own float <-> bit helpers (faiss.fvecs2bitvecs, bitvecs2fvecs, used by IndexBinaryFromFloat and
+inside the IVF training) put bit j at bit j % 8 of its byte instead; decoding an index row with them gives
+the code with the bits of every byte reversed. That permutation changes no distance, and the IVF k-means
+(which sees the bits as coordinates) is invariant to permuting them.
 
 Ids. Rows are added in database order with plain `add` (no IndexBinaryIDMap), so FAISS id i = insertion
 order = database row i; an append adds the new rows after the old ones, so the ids stay database rows.
@@ -61,7 +62,9 @@ SIDECAR_FORMAT = {"format": "dihn_dist.faiss_index", "format_version": 1}
 SIDECAR_SUFFIX = ".json"
 INSTALL_HINT = "pip install 'dihn_dist[serve]' (or pip install faiss-cpu)"
 BIT_ORDER = ("numpy.packbits(codes > 0, axis=1): bit j of a code is bit 7 - j % 8 of byte j // 8, 1 = +1; "
-             "padding bits 0")
+             "padding bits and bytes up to index_bits are 0")
+# Row sizes (bytes) that FAISS's Hamming distance has a dedicated kernel for; others use a generic loop.
+FAISS_FAST_CODE_SIZES = (4, 8, 16, 20, 32, 64)
 CHECKSUM_SCHEME = ("sha256 of the codes as int8 +-1 rows (rows x code_length, row-major): the trainer's "
                    "codes_checksum in result.json")
 IDENTITY = "identity"
@@ -108,9 +111,29 @@ def codes_sha256(packed: np.ndarray, code_length: int) -> str:
     return hashlib.sha256(np.ascontiguousarray(unpack_codes(packed, code_length)).tobytes()).hexdigest()
 
 
+def index_bytes(code_length: int) -> int:
+    """Bytes of an index row for c-bit codes: the smallest of FAISS_FAST_CODE_SIZES that holds them, beyond
+    64 bytes a multiple of 8 (FAISS needs whole bytes; the fast sizes are what makes a search fast)."""
+    needed = math.ceil(code_length / 8)
+    return next((size for size in FAISS_FAST_CODE_SIZES if size >= needed), 8 * math.ceil(needed / 8))
+
+
 def index_bits(code_length: int) -> int:
-    """FAISS's d for c-bit codes: whole bytes (the padding bits are 0)."""
-    return 8 * math.ceil(code_length / 8)
+    """FAISS's d for c-bit codes."""
+    return 8 * index_bytes(code_length)
+
+
+def to_index_rows(packed: np.ndarray, code_length: int) -> np.ndarray:
+    """Exported packed rows (rows, ceil(c / 8)) -> index rows: the same bytes, then zero bytes."""
+    rows = np.zeros((packed.shape[0], index_bytes(code_length)), dtype=np.uint8)
+    rows[:, :packed.shape[1]] = packed
+    return rows
+
+
+def padding_is_zero(rows: np.ndarray, code_length: int) -> bool:
+    """Whether every bit of the index rows beyond the c code bits is 0 (as to_index_rows leaves them)."""
+    bits = np.unpackbits(rows, axis=1)
+    return not bits[:, code_length:].any()
 
 
 def first_differing_row(stored: np.ndarray, expected: np.ndarray) -> Optional[int]:
@@ -158,10 +181,16 @@ def new_index(kind: str, code_length: int, training: np.ndarray):
 
 
 def build_index(packed: np.ndarray, kind: str, code_length: int):
-    """An index of `kind` holding the packed rows, FAISS id = row."""
-    index = new_index(kind, code_length, packed)
-    index.add(np.ascontiguousarray(packed))
+    """An index of `kind` holding the exported packed rows, FAISS id = row."""
+    rows = to_index_rows(packed, code_length)
+    index = new_index(kind, code_length, rows)
+    index.add(rows)
     return index
+
+
+def add_rows(index, packed: np.ndarray, code_length: int) -> None:
+    """Append exported packed rows: they get the ids ntotal, ntotal + 1, ..."""
+    index.add(to_index_rows(packed, code_length))
 
 
 def kind_of(index) -> str:
@@ -173,8 +202,8 @@ def kind_of(index) -> str:
     raise IndexMismatchError(f"a FAISS {name}; dihn_dist serves {', '.join(FAISS_CLASSES.values())}")
 
 
-def stored_codes(index) -> np.ndarray:
-    """Every packed row the index holds, in id order (reconstructed; IVF through its direct map)."""
+def stored_rows(index) -> np.ndarray:
+    """Every row the index holds (index_bytes wide), in id order (reconstructed; IVF through its direct map)."""
     if kind_of(index) == "ivf" and index.direct_map.type == 0:  # DirectMap.NoMap: an IVF not built here
         index.make_direct_map(True)
     if index.ntotal == 0:
@@ -193,9 +222,12 @@ def search_settings(index) -> Dict[str, int]:
 
 
 def search(index, packed_queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(distances int32, database rows int64), each (queries, k): the k nearest by Hamming distance,
-    sorted by (distance, row). An approximate index may find fewer than k: row -1, distance 2**31 - 1."""
-    distances, rows = index.search(np.ascontiguousarray(packed_queries, dtype=np.uint8), int(k))
+    """(distances int32, database rows int64), each (queries, k): the k nearest of the exported packed
+    query rows by Hamming distance, sorted by (distance, row). An approximate index may find fewer than k:
+    row -1, distance 2**31 - 1."""
+    queries = np.zeros((packed_queries.shape[0], index.code_size), dtype=np.uint8)
+    queries[:, :packed_queries.shape[1]] = packed_queries   # padded like the index rows
+    distances, rows = index.search(queries, int(k))
     # FAISS lists equal distances in its own order; ours is by row (see the module docstring).
     order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), distances), axis=-1)
     return np.take_along_axis(distances, order, axis=1), np.take_along_axis(rows, order, axis=1)
@@ -250,7 +282,8 @@ class ServedIndex:
     path: Path
     index: Any
     sidecar: dict
-    codes: np.ndarray   # (num_rows, index_bits / 8) uint8: the rows the index holds, reconstructed
+    codes: np.ndarray   # (num_rows, ceil(c / 8)) uint8: the rows the index holds, reconstructed, in the
+                        # exported layout (without the padding bytes)
 
     @property
     def kind(self) -> str:
@@ -310,7 +343,11 @@ def load_index(path) -> ServedIndex:
             f"{side}: describes a {sidecar['index']} index of {sidecar['num_rows']} rows of {code_length}-bit codes "
             f"(d = {index_bits(code_length)}), but {path.name} is a {kind} index of {index.ntotal} rows with "
             f"d = {index.d} (the sidecar of another index)")
-    codes = stored_codes(index)
+    rows = stored_rows(index)
+    if not padding_is_zero(rows, code_length):
+        raise IndexMismatchError(f"{path}: its rows have non-zero bits beyond the {code_length} code bits (not "
+                                 f"written by python -m dihn_dist.export); re-export the index")
+    codes = rows[:, :math.ceil(code_length / 8)]
     checksum = codes_sha256(codes, code_length)
     if checksum != sidecar["codes_sha256"]:
         raise IndexMismatchError(f"{side}: records codes sha256 {sidecar['codes_sha256'][:16]}..., but "

@@ -130,12 +130,33 @@ def test_index_holds_the_exported_packed_rows_and_distances_are_hamming(final_co
     packed = serve.pack_codes(final_codes)
     assert np.array_equal(packed, np.packbits(final_codes > 0, axis=1))
     index = serve.build_index(packed, "flat", CODE_LENGTH)
-    assert index.d == 16 and index.code_size == 2
-    assert np.array_equal(serve.stored_codes(index), packed)       # FAISS keeps the bytes as given
+    assert index.d == 32 and index.code_size == 4                  # 12 bits -> FAISS's 4-byte kernel
+    rows = serve.stored_rows(index)
+    assert np.array_equal(rows[:, :2], packed) and not rows[:, 2:].any()  # the bytes as given, then zeros
     queries = final_codes[:30]
-    distances, rows = index.search(serve.pack_codes(queries), final_codes.shape[0])
+    padded_queries = serve.to_index_rows(serve.pack_codes(queries), CODE_LENGTH)
+    distances, rows = index.search(padded_queries, final_codes.shape[0])
     hamming = (CODE_LENGTH - queries.astype(np.int64) @ final_codes.astype(np.int64).T) // 2
     assert np.array_equal(distances, np.take_along_axis(hamming, rows, axis=1))  # padding bits add nothing
+
+
+def test_index_rows_take_faiss_fast_sizes():
+    sizes = {c: serve.index_bytes(c) for c in (8, 12, 32, 33, 48, 64, 65, 128, 130, 256, 512, 520)}
+    assert sizes == {8: 4, 12: 4, 32: 4, 33: 8, 48: 8, 64: 8, 65: 16, 128: 16, 130: 20, 256: 32, 512: 64, 520: 72}
+
+
+def test_an_index_with_bits_beyond_the_code_is_refused(final_codes, tmp_path):
+    packed = serve.pack_codes(final_codes)
+    index = serve.build_index(packed, "flat", CODE_LENGTH)
+    rows = serve.to_index_rows(packed, CODE_LENGTH)
+    rows[3, 1] |= 1                                                  # bit 15 of a 12-bit code
+    index.reset()
+    index.add(rows)
+    path = tmp_path / "odd.index"
+    serve.write_index(index, path, serve.make_sidecar(index, CODE_LENGTH, serve.codes_sha256(packed, CODE_LENGTH),
+                                                     tmp_path, "incremental", []))
+    with pytest.raises(serve.IndexMismatchError, match="non-zero bits beyond the 12 code bits"):
+        serve.load_index(path)
 
 
 def test_faiss_own_bit_helpers_read_bits_in_the_other_order(final_codes):
@@ -144,11 +165,12 @@ def test_faiss_own_bit_helpers_read_bits_in_the_other_order(final_codes):
     packed = serve.pack_codes(final_codes[:5])
     bits = serve.index_bits(CODE_LENGTH)
     decoded = np.zeros((5, bits), dtype=np.float32)
-    faiss.bitvecs2fvecs(faiss.swig_ptr(np.ascontiguousarray(packed)), faiss.swig_ptr(decoded), bits, 5)
+    faiss.bitvecs2fvecs(faiss.swig_ptr(serve.to_index_rows(packed, CODE_LENGTH)), faiss.swig_ptr(decoded), bits, 5)
     reversed_within_bytes = [8 * (j // 8) + 7 - j % 8 for j in range(bits)]
-    padded = np.unpackbits(packed, axis=1).astype(np.float32) * 2 - 1
+    rows = serve.to_index_rows(packed, CODE_LENGTH)
+    padded = np.unpackbits(rows, axis=1).astype(np.float32) * 2 - 1
     assert np.array_equal(decoded, padded[:, reversed_within_bytes])
-    assert np.array_equal(np.packbits(decoded > 0, axis=1, bitorder="little"), packed)
+    assert np.array_equal(np.packbits(decoded > 0, axis=1, bitorder="little"), rows)
 
 
 @pytest.mark.parametrize("kind", serve.INDEX_KINDS)
@@ -165,7 +187,7 @@ def test_export_writes_index_and_sidecar(rounds, tmp_path, kind, capsys):
     assert {k: sidecar[k] for k in ("format", "index", "faiss_class", "code_length", "index_bits", "num_rows",
                                     "id_to_database_row", "run", "stage")} == {
         "format": "dihn_dist.faiss_index", "index": kind, "faiss_class": serve.FAISS_CLASSES[kind],
-        "code_length": 12, "index_bits": 16, "num_rows": 500, "id_to_database_row": "identity",
+        "code_length": 12, "index_bits": 32, "num_rows": 500, "id_to_database_row": "identity",
         "run": str(run.resolve()), "stage": "incremental"}
     assert sidecar["rounds"] == [{"run": str(run.resolve()), "stage": "incremental", "rows": [0, 500],
                                   "codes_sha256": sidecar["codes_sha256"]}]
@@ -278,8 +300,8 @@ def test_index_and_sidecar_must_describe_each_other(rounds, tmp_path, capsys):
     out = tmp_path / "out.index"
     shutil.copy(serve.sidecar_path(second), serve.sidecar_path(first))  # the sidecar of another index
     refused(capsys, [rounds[2], "--faiss", out, "--append-to", first],
-            f"{first}.json: describes a flat index of 420 rows of 12-bit codes (d = 16), but first.index is a "
-            f"flat index of 300 rows with d = 16")
+            f"{first}.json: describes a flat index of 420 rows of 12-bit codes (d = 32), but first.index is a "
+            f"flat index of 300 rows with d = 32")
     changed = shutil.copytree(rounds[1], tmp_path / "changed")
     flip_bit(changed, row=5, bit=0)
     export.export_index(changed, first)                              # same size, other codes
