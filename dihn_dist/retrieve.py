@@ -1,5 +1,5 @@
 """python -m dihn_dist.retrieve RUN_DIR --query INDEX|IMAGE_PATH [--stage incremental] [--topk 10] [--data DIR]
-[--out FILE.png]
+[--out FILE.png] [--faiss FILE]
 
 Encodes one query with a finished stage's model (INDEX: that image of the prepared query set; IMAGE_PATH:
 any image file, preprocessed like the evaluation images), ranks the stage's exported database codes by
@@ -7,6 +7,11 @@ Hamming distance (ties by database row, as in the metrics), prints the top k wit
 writes a contact sheet: the query (blue frame) and the results, framed green when relevant (shares a
 class with the query) and red when not; grey when the relevance is unknown (an image file without
 --query-labels).
+
+With --faiss FILE (written by python -m dihn_dist.export) the top k come from that FAISS index instead,
+after checking that it holds exactly the stage's database codes (default stage: the index's). FAISS keeps
+its own choice among rows tied at the k-th distance; the k it returns are listed by (distance, row), so
+the output equals the exact ranking's up to those ties (and, for an ivf or hnsw index, up to its recall).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import errors, metrics
+from . import errors, metrics, serve
 from .data import (IMAGENET_MEAN, IMAGENET_STD, Normaliser, PreparedData, eval_batches, eval_crop_ratio,
                    hide_discarded_loader_noise, load_prepared)
 from .exported import ExportedRun, StageExport, load_run, load_stage
@@ -61,6 +66,7 @@ class Retrieval:
     matches_exported: Optional[bool]   # a query-set row: does its code equal the stage's query_codes.npy row
     items: List[RetrievedItem]
     sheet: Optional[Path] = None
+    ranked_by: Optional[str] = None    # the FAISS index that ranked the database (None: the exact ranking)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,6 +173,22 @@ def rank_database(query_code: np.ndarray, database_codes: np.ndarray, topk: int)
     return order, distances[order]
 
 
+def open_faiss_index(path, run: ExportedRun, stage: str, exported: StageExport) -> serve.ServedIndex:
+    """The FAISS index of --faiss, checked to hold exactly the stage's database codes."""
+    served = serve.load_index(path)
+    serve.check_serves(served, serve.pack_codes(exported.database_codes), run.code_length,
+                       f"{run.root} stage {stage}")
+    return served
+
+
+def rank_with_faiss(served: serve.ServedIndex, query_code: np.ndarray, topk: int) -> tuple:
+    """(rows of the top k, their distances) from the FAISS index, by (distance, row); an approximate index
+    may return fewer than k."""
+    distances, rows = serve.search(served.index, serve.pack_codes(query_code[None]), topk)
+    found = rows[0] >= 0
+    return rows[0][found], distances[0][found]
+
+
 def names_of(labels: np.ndarray, class_names: Sequence[str]) -> List[str]:
     return [class_names[k] for k in np.flatnonzero(labels)]
 
@@ -269,15 +291,21 @@ def write_contact_sheet(path: Path, query_pixels: np.ndarray, retrieval: Retriev
 # ----------------------------------------------------------------------------------------------------
 # The command
 
-def retrieve(run_dir, query: Union[int, str, Path], stage: str = "incremental", topk: int = 10,
+def retrieve(run_dir, query: Union[int, str, Path], stage: Optional[str] = None, topk: int = 10,
              data_dir: Optional[str] = None, out: Optional[Path] = None, query_labels: Optional[str] = None,
-             num_workers: int = 1, write_sheet: bool = True) -> Retrieval:
-    """Encode the query, rank the stage's database codes, write the contact sheet (to out, or by default
-    RUN_DIR/retrieval/STAGE_QUERY.png)."""
+             num_workers: int = 1, write_sheet: bool = True, faiss_index=None) -> Retrieval:
+    """Encode the query, rank the stage's database codes (with the FAISS index `faiss_index` when given),
+    write the contact sheet (to out, or by default RUN_DIR/retrieval/STAGE_QUERY.png). Default stage: the
+    FAISS index's, else incremental."""
     if topk <= 0:
         raise ValueError(f"--topk: expected a positive number of results, got {topk}")
+    if faiss_index:
+        serve.require_faiss()  # first: without it nothing else is worth loading
     run = load_run(run_dir)
+    if stage is None:
+        stage = serve.read_sidecar(Path(faiss_index)).get("stage", "incremental") if faiss_index else "incremental"
     exported = load_stage(run, stage)
+    served = open_faiss_index(faiss_index, run, stage, exported) if faiss_index else None
     data = open_data(run, data_dir)
     resolution = model_resolution(run, data)
     network = load_network(run, exported)
@@ -290,9 +318,14 @@ def retrieve(run_dir, query: Union[int, str, Path], stage: str = "incremental", 
         labels, description = parse_label_names(query_labels, run.class_names), str(query)
     code = encode_batches(network, [(images,)])[0].numpy()
     matches = bool(np.array_equal(code, exported.query_codes[query])) if isinstance(query, int) else None
-    order, distances = rank_database(code, exported.database_codes, min(topk, exported.num_database))
+    k = min(topk, exported.num_database)
+    if served is None:
+        order, distances = rank_database(code, exported.database_codes, k)
+    else:
+        order, distances = rank_with_faiss(served, code, k)
     retrieval = Retrieval(stage, description, None if labels is None else names_of(labels, run.class_names), code,
-                          matches, retrieved_items(order, distances, run, labels))
+                          matches, retrieved_items(order, distances, run, labels),
+                          ranked_by=None if served is None else f"{served.sidecar['faiss_class']} {served.path}")
     if write_sheet:
         sheet_path = Path(out) if out else default_sheet_path(run, stage, query)
         shown = database_images(data, order, resolution, num_workers)
@@ -319,6 +352,8 @@ def format_retrieval(retrieval: Retrieval) -> str:
     known = [item.relevant for item in retrieval.items if item.relevant is not None]
     if known:
         lines.append(f"{sum(known)}/{len(known)} relevant")
+    if retrieval.ranked_by:
+        lines.append(f"ranked by FAISS {retrieval.ranked_by} (rows tied at the last distance: FAISS's choice)")
     if retrieval.sheet:
         lines.append(f"contact sheet: {retrieval.sheet}")
     return "\n".join(lines)
@@ -329,13 +364,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by python -m dihn_dist.train")
     parser.add_argument("--query", required=True, help="row of the prepared query set, or an image file")
-    parser.add_argument("--stage", default="incremental", choices=("original", "incremental", "retrain"),
-                        help="whose model and database codes to use")
+    parser.add_argument("--stage", choices=("original", "incremental", "retrain"),
+                        help="whose model and database codes to use (default: the --faiss index's stage, else "
+                             "incremental)")
     parser.add_argument("--topk", type=int, default=10, help="number of results")
     parser.add_argument("--data", help="prepared data folder (default: the run's, from config.json)")
     parser.add_argument("--out", type=Path, help="contact sheet PNG (default: RUN_DIR/retrieval/STAGE_QUERY.png)")
     parser.add_argument("--query-labels", help="classes of an image-file query, comma-separated names or numbers "
                                                "(marks the results relevant or not)")
+    parser.add_argument("--faiss", type=Path, metavar="FILE",
+                        help="rank with this FAISS index (python -m dihn_dist.export writes it; needs "
+                             "pip install 'dihn_dist[serve]') instead of the exact ranking")
     parser.add_argument("--num-workers", type=int, default=1, help="FFCV threads reading the images")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     return parser.parse_args(argv)
@@ -349,7 +388,7 @@ def main(argv=None) -> int:
 
 def show(args) -> int:
     retrieval = retrieve(args.run_dir, args.query, args.stage, args.topk, args.data, args.out,
-                         args.query_labels, args.num_workers)
+                         args.query_labels, args.num_workers, faiss_index=args.faiss)
     print(format_retrieval(retrieval))
     return 0
 

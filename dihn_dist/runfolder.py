@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -33,30 +31,10 @@ import numpy as np
 import torch
 
 from . import dist
+from .atomic import atomic_write_bytes, atomic_write_json
 from .exported import load_codes_file
-from .hashing import check_codes
 from .formats import FOLDER_MARKER, IMAGE_DIGEST_FILES, RUN_FORMAT, STAGE_TITLES, STAGES, folder_kind, train_command
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+from .hashing import check_codes
 
 
 def atomic_save_numpy(path: Path, array: np.ndarray) -> None:

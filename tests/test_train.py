@@ -236,8 +236,8 @@ def test_reference_cli_dataset_and_root_say_how_to_prepare(tmp_path, monkeypatch
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_prepared, tmp_path, monkeypatch):
     import errno
-    from dihn_dist import runfolder
-    real_fsync = runfolder.os.fsync
+    from dihn_dist import atomic
+    real_fsync = atomic.os.fsync
     writes = {"checkpoints": 0}
 
     def fsync(fd):
@@ -247,7 +247,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_prepar
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(runfolder.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
     out = tmp_path / "full"
     with pytest.raises(OSError, match="original.pt .*No space left.*previous version of it, if any, is intact"):
         run_train_raising(tiny_prepared, out, "--max-iter", "3", "--stage", "original")
