@@ -57,6 +57,7 @@ class Config:
     precision: str = "auto"
     channels_last: str = "auto"
     compile: bool = False
+    deterministic: bool = False
     resume: bool = False
     debug: bool = False
 
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels-last", choices=SWITCHES, help="NHWC memory format for the CNN (auto: on for CUDA)")
     a("--compile", action="store_const", const=True, help="torch.compile the network (minutes of compilation, "
                                                           "then faster steps on a GPU)")
+    a("--deterministic", action="store_const", const=True,
+      help="deterministic GPU kernels and no TF32: a GPU run repeats exactly from its seed (slower). CPU runs "
+           "are deterministic anyway")
     a("--resume", action="store_const", const=True,
       help="continue the run in --out from its last complete outer iteration (start it if there is none); "
            "on a finished run, adds the stages it lacks")

@@ -98,6 +98,16 @@ def _set_intra_op_threads(local_world_size: int) -> None:
         torch.set_num_threads(cpu_share(local_world_size))
 
 
+def make_deterministic() -> None:
+    """Deterministic kernels (and no TF32) so that a GPU run repeats from its seed, at some cost in speed.
+    cuBLAS needs its workspace setting before the CUDA context exists: call this before init()."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def init(requested_device: str = "auto", timeout_s: float = 600) -> Context:
     """Set up the process group from torchrun's environment, or a single process without it."""
     global _context

@@ -44,6 +44,8 @@ def main(argv=None) -> int:
 
 def run_command_line(argv) -> int:
     config = parse_config(argv)
+    if config.deterministic:
+        dist.make_deterministic()
     dist.init(config.device, config.collective_timeout)
     try:
         with dist.stop_on_sigterm:
@@ -169,6 +171,8 @@ class StageTraining:
             record = {"iteration": iteration, "lr": lr, **losses, "train_s": time.perf_counter() - started,
                       **self.update_codes(outputs, positions, r)}
             record["images_per_s"] = config.num_samples * config.max_epoch / record["train_s"]
+            if self.codes.is_cuda:
+                record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if config.eval_every and (iteration + 1) % config.eval_every == 0 and iteration + 1 < config.max_iter:
                 record.update(self.evaluate(during_training=True))
             self.end_iteration(iteration, record, time.perf_counter() - started)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# GPU self-check (about 5-8 minutes on one GPU; more GPUs add the 1-vs-N and GPU-0 checks): the CUDA tests,
+# training throughput at 224 px for fp32 / bf16 / channels-last / compile, DCC and mAP@5000 at NUS-WIDE size
+# on the GPU against the CPU, host syncs per outer iteration. Prints a table; exits 1 on any mismatch.
+#   bash launch/gpu_check.sh [--workdir DIR] [--skip-compile]
+# On a CUDA machine install the matching torch first (DIHN_CONSTRAINTS, see the README).
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"; setup_all
+cd "$REPO_ROOT"
+run python tests/bench/gpu_check.py "$@"
