@@ -34,19 +34,8 @@ def atomic_path(path) -> Iterator[Path]:
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: a crash leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    with atomic_path(path) as temp:
+        temp.write_bytes(payload)
 
 
 def atomic_write_json(path: Path, value: Any) -> None:

@@ -128,14 +128,20 @@ def read_json(path: Path, root: Path) -> dict:
     return value
 
 
+def load_npy(path: Path, missing: str, hint: str = "", missing_error=FileNotFoundError, bad_error=ValueError):
+    """np.load without pickles; a missing or unreadable file is one error naming it (`missing` says what was
+    expected there, `hint` how to get it)."""
+    if not path.is_file():
+        raise missing_error(f"{path}{missing}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise bad_error(f"{path}: not a readable .npy file ({error}){hint}") from error
+
+
 def read_array(path: Path, hint: str, dtype, shape: tuple) -> np.ndarray:
     """np.load with the dtype and shape checked; `hint` names the command that (re)writes the file."""
-    if not path.is_file():
-        raise IncompleteRunError(f"{path} is missing; {hint}")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise RunFormatError(f"{path}: not a readable .npy file ({error}); {hint}") from error
+    array = load_npy(path, f" is missing; {hint}", f"; {hint}", IncompleteRunError, RunFormatError)
     if array.dtype != np.dtype(dtype) or array.shape != shape:
         raise RunFormatError(f"{path}: expected {np.dtype(dtype)} of shape {shape}, found {array.dtype} "
                              f"{array.shape} (a run of another dihn_dist version or of other data?)")
@@ -234,12 +240,7 @@ def load_codes_file(path, code_length: Optional[int] = None) -> np.ndarray:
     database_codes.packed.npy; code_length is then needed, padding bits must be 0). One-line errors name
     the file and what was expected."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (expected a .npy of +-1 codes or of packed bits)")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"{path}: not a readable .npy file ({error})") from error
+    array = load_npy(path, ": no such file (expected a .npy of +-1 codes or of packed bits)")
     if array.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D array (one code per row), got shape {array.shape}")
     if array.dtype == np.uint8:

@@ -125,12 +125,13 @@ def _as_bits(tensor: torch.Tensor, positive_is_one: bool) -> np.ndarray:
 class _NumpyRanker:
     """Packed codes and labels of one call; rank(rows, topk) gives the relevance in rank order."""
 
-    def __init__(self, query_codes, db_codes, query_labels, db_labels):
+    def __init__(self, query_codes, db_codes, query_labels=None, db_labels=None):
         self.code_length = query_codes.shape[1]
         self.query_words = _pack_rows(_as_bits(query_codes, True))
         self.db_words = _pack_rows(_as_bits(db_codes, True))
-        self.query_masks = _pack_rows(_as_bits(query_labels, False))
-        self.db_masks = _pack_rows(_as_bits(db_labels, False))
+        if query_labels is not None:  # ranking by distance alone needs no labels
+            self.query_masks = _pack_rows(_as_bits(query_labels, False))
+            self.db_masks = _pack_rows(_as_bits(db_labels, False))
 
     def distances(self, rows: slice) -> np.ndarray:
         """Exact Hamming distances of a chunk of queries (uint8, or uint16 beyond 255 bits)."""
@@ -209,6 +210,21 @@ def _numpy_map(fn: Callable, query_codes, db_codes, query_labels, db_labels, top
 
 # ----------------------------------------------------------------------------------------------------
 # Public metrics
+
+def nearest(query_codes: torch.Tensor, db_codes: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows, Hamming distances) of each query's k nearest database codes, ties by database row: the
+    ranking every metric here uses (q x k int64 rows, q x k int64 distances, on the CPU)."""
+    check_codes("query_codes", query_codes)
+    check_codes("db_codes", db_codes, query_codes.shape[1])
+    k = min(int(k), db_codes.shape[0])
+    if _backend(query_codes) == "numpy":
+        distances = _NumpyRanker(query_codes, db_codes).distances(slice(None)).astype(np.int64)
+        order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+        return torch.from_numpy(order), torch.from_numpy(np.take_along_axis(distances, order, axis=1))
+    distances = hamming_distances(query_codes, db_codes.to(query_codes.device)).long()
+    ranked = torch.sort(distances, dim=1, stable=True)
+    return ranked.indices[:, :k].cpu(), ranked.values[:, :k].cpu()
+
 
 def average_precisions(query_codes: torch.Tensor, db_codes: torch.Tensor, query_labels: torch.Tensor,
                        db_labels: torch.Tensor, topk: Optional[int] = None,

@@ -167,10 +167,8 @@ def parse_label_names(text: Optional[str], class_names: Sequence[str]) -> Option
 
 def rank_database(query_code: np.ndarray, database_codes: np.ndarray, topk: int) -> tuple:
     """(rows of the top k, their distances): Hamming distance, ties by row (stable sort), as in the metrics."""
-    distances = metrics.hamming_distances(torch.from_numpy(query_code[None]),
-                                          torch.from_numpy(database_codes))[0].numpy()
-    order = np.argsort(distances, kind="stable")[:topk]
-    return order, distances[order]
+    rows, distances = metrics.nearest(torch.from_numpy(query_code[None]), torch.from_numpy(database_codes), topk)
+    return rows[0].numpy(), distances[0].numpy()
 
 
 def open_faiss_index(path, run: ExportedRun, stage: str, exported: StageExport) -> serve.ServedIndex:

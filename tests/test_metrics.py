@@ -373,3 +373,16 @@ def test_metrics_on_cuda_match_cpu():
     p_gpu, r_gpu = M.precision_recall_by_radius(qc.cuda(), dc.cuda(), ql.cuda(), dl.cuda())
     torch.testing.assert_close(p_gpu.cpu(), p_cpu)
     torch.testing.assert_close(r_gpu.cpu(), r_cpu)
+
+
+def test_nearest_ranks_by_distance_then_row_on_both_back_ends():
+    g = torch.Generator().manual_seed(5)
+    db = (torch.randint(0, 2, (300, 12), generator=g) * 2 - 1).to(torch.int8)
+    queries = (torch.randint(0, 2, (7, 12), generator=g) * 2 - 1).to(torch.int8)
+    distances = ((12 - queries.float() @ db.float().T) / 2).long()
+    expected = torch.tensor(np.lexsort((np.broadcast_to(np.arange(300), (7, 300)), distances.numpy()), axis=1)[:, :20])
+    rows, found = M.nearest(queries, db, 20)
+    assert torch.equal(rows, expected) and torch.equal(found, torch.gather(distances, 1, expected))
+    from unittest import mock
+    with mock.patch.object(M, "CPU_BACKEND", "torch"):
+        assert torch.equal(M.nearest(queries, db, 20)[0], expected)
