@@ -158,7 +158,7 @@ dihn_torchrun() {
   export PET_SHUTDOWN_TIMEOUT="${PET_SHUTDOWN_TIMEOUT:-${STOP_GRACE_S:-90}}"
   local -a extra=()
   read -r -a extra <<< "${EXTRA_ARGS:-}"
-  [ -z "${NUM_WORKERS:-}" ] || extra=(--num-workers "$NUM_WORKERS" "${extra[@]}")
+  [ -z "${NUM_WORKERS:-}" ] || extra=(--num-workers "${NUM_WORKERS:-}" "${extra[@]}")
   local -a step=(srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
   # Slurm 22.05+ srun does not inherit sbatch's --cpus-per-task: pass it on.
   [ -z "${SLURM_CPUS_PER_TASK:-}" ] || step+=(--cpus-per-task="${SLURM_CPUS_PER_TASK:-}")
