@@ -209,15 +209,15 @@ class StageTraining:
         num_samples, n = sample.shape[0], stage.num_database
         stats = hashing.hash_term_stats(self.codes, self.patterns, self.pattern_of_row, r)
         global_sizes = [end - start for start, end in global_batch_bounds(num_samples, config.batch_size, ctx.world_size)]
-        slot_of_position = np.full(n, -1, dtype=np.int64)
-        slot_of_position[sample.numpy()] = np.arange(num_samples)
+        by_position = np.argsort(sample.numpy())  # the slot of a position, without an n-sized table
+        slot_of = lambda positions: by_position[np.searchsorted(sample.numpy()[by_position], positions)]  # noqa
         totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # hash, quantization, balance
         for epoch in range(config.max_epoch):
             generator = seeded_generator(config.seed, stage.seed_key, iteration, epoch)
             order = sample[torch.randperm(num_samples, generator=generator)].numpy()
             augment_params = augment.draw_params(generator, num_samples, config.augment)
             positions, step_sizes = batch_schedule(order, config.batch_size, ctx.world_size, ctx.rank)
-            params = augment_params[slot_of_position[positions]].to(ctx.device)
+            params = augment_params[slot_of(positions)].to(ctx.device)
             on_device = torch.from_numpy(positions).to(ctx.device)
             batch_patterns = self.pattern_of_row[on_device]
             starts = np.cumsum([0] + step_sizes)
