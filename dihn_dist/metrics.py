@@ -330,18 +330,36 @@ def precision_recall_by_radius(query_codes: torch.Tensor, db_codes: torch.Tensor
 def retrieval_row(query_codes: torch.Tensor, db_codes: torch.Tensor, query_labels: torch.Tensor,
                   db_labels: torch.Tensor, num_seen: int, topk: Optional[int], precision_k: int) -> dict:
     """mAP@ALL, mAP@topk, precision@precision_k, and mAP@topk over the queries of original classes and over
-    those of incremental classes (a query is incremental when it carries any class >= num_seen)."""
-    aps_all = average_precisions(query_codes, db_codes, query_labels, db_labels, topk=None)
-    aps_topk = aps_all if topk is None else average_precisions(query_codes, db_codes, query_labels, db_labels,
-                                                               topk=topk)
-    new_queries = is_incremental(query_labels, num_seen).to(aps_topk.device)
+    those of incremental classes (a query is incremental when it carries any class >= num_seen).
+
+    One ranking serves all three: each chunk of queries is ranked once over the whole database, and AP@ALL,
+    AP@topk and the hits of the top precision_k are all read from that ranking (three separate calls would
+    rank three times: at NUS-WIDE size the ranking is most of the cost)."""
+    _validate(query_codes, db_codes, query_labels, db_labels)
+    n = db_codes.shape[0]
+    k, pk = _resolve_topk(topk, n), min(int(precision_k), n)
+
+    def summarise(ranked):  # AP@ALL, AP@k and hits in the top pk of a chunk's ranked relevance
+        if isinstance(ranked, np.ndarray):
+            return (_numpy_average_precisions(ranked), _numpy_average_precisions(ranked[:, :k]),
+                    np.count_nonzero(ranked[:, :pk], axis=1))
+        return (_torch_average_precisions(ranked).cpu().numpy(), _torch_average_precisions(ranked[:, :k]).cpu().numpy(),
+                ranked[:, :pk].sum(dim=1).cpu().numpy())
+
+    if _backend(query_codes) == "numpy":
+        parts = _numpy_map(summarise, query_codes, db_codes, query_labels, db_labels, n, None)
+    else:
+        parts = [summarise(ranked) for _, ranked in
+                 _ranked_relevance(query_codes, db_codes, query_labels, db_labels, n, None)]
+    aps_all, aps_topk, hits = (torch.from_numpy(np.concatenate(column)) for column in zip(*parts))
+    new_queries = is_incremental(query_labels, num_seen).cpu()
     return {
         "map_all": float(aps_all.mean()),
         "map_topk": float(aps_topk.mean()),
-        "topk": topk or db_codes.shape[0],
-        f"precision_at_{precision_k}": precision_at_k(query_codes, db_codes, query_labels, db_labels, precision_k),
+        "topk": topk or n,
+        f"precision_at_{precision_k}": float(hits.sum()) / pk / query_codes.shape[0],
         "map_original_queries": float(aps_topk[~new_queries].mean()) if bool((~new_queries).any()) else None,
         "map_incremental_queries": float(aps_topk[new_queries].mean()) if bool(new_queries.any()) else None,
         "num_queries": int(query_codes.shape[0]),
-        "num_database": int(db_codes.shape[0]),
+        "num_database": int(n),
     }

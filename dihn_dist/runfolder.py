@@ -108,6 +108,19 @@ class RunFolder:
     def finished_stages(self) -> List[str]:
         return [stage for stage in STAGES if self.stage_complete(stage)]
 
+    def stage_covering(self, rows: int) -> str:
+        """The last finished stage (incremental, else original) whose codes cover exactly `rows` database rows:
+        the previous round's DIHN codes in a chain of rounds, or stage 1's codes when the same data goes on."""
+        manifest = self.read_json("manifest.json") if self.path("manifest.json").is_file() else {}
+        covers = {"incremental": manifest.get("num_database"), "original": manifest.get("num_original")}
+        for stage in ("incremental", "original"):
+            if self.stage_complete(stage) and covers[stage] == rows:
+                return stage
+        finished = ", ".join(f"{s} ({covers[s]} rows)" for s in covers if self.stage_complete(s)) or "none"
+        raise ValueError(f"--old-run {self.root}: no finished stage has codes for the {rows} inherited rows of --data "
+                         f"(finished: {finished}); prepare --data with --extends this run's data, or choose "
+                         f"--old-stage")
+
     def has_run(self) -> bool:
         return self.path("config.json").is_file()
 
@@ -240,33 +253,21 @@ def _resume_invariants():
 def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
     """B_old: the codes of the data's inherited rows [0, num_original), which stage 2 keeps bit for bit.
 
-    From --old-codes FILE (codes from elsewhere), from --old-run RUN (its --old-stage, default its last
-    finished stage: incremental, else original; RUN's database must be a prefix of --data's, checked item
-    by item), or from this run's own finished stage 1."""
-    from .data import check_database_prefix
+    From --old-codes FILE (codes from elsewhere), from --old-run RUN (RUN's database must be the beginning
+    of --data's, checked item by item; its --old-stage, default the last finished stage whose codes cover
+    the inherited rows), or from this run's own finished stage 1."""
     if config.old_codes:
         name = config.old_codes
         codes = torch.from_numpy(load_codes_file(config.old_codes, config.code_length))
     else:
+        source = RunFolder(config.old_run) if config.old_run else run
         if config.old_run:
-            source = RunFolder(config.old_run)
-            stage = config.old_stage or ("incremental" if source.stage_complete("incremental") else "original")
-        else:
-            source, stage = run, "original"
+            check_old_run(source, config, data)
+        stage = (config.old_stage or source.stage_covering(data.num_original)) if config.old_run else "original"
         if not source.stage_complete(stage):
             raise FileNotFoundError(
                 f"{source.root}: has no finished {stage} stage, which stage 2 starts from; run --stage {stage} "
                 f"first, or pass --old-run RUN_DIR of a run that has one (or --old-codes FILE)")
-        if config.old_run:
-            old_config = source.read_json("config.json")
-            if old_config.get("code_length") != config.code_length:
-                raise ValueError(f"--old-run {source.root}: was trained with code_length "
-                                 f"{old_config.get('code_length')!r}, this run uses {config.code_length!r}")
-            try:
-                check_database_prefix(source.root, data)
-            except ValueError as mismatch:
-                raise ValueError(f"--old-run {source.root}: its database is not the beginning of --data "
-                                 f"{data.root}'s ({mismatch}); prepare --data with --extends the old run's data") from None
         name = f"{source.root}/{stage}/database_codes.npy"
         codes = source.load_stage(stage)["database_codes"]
     if tuple(codes.shape) != (data.num_original, config.code_length):
@@ -274,3 +275,20 @@ def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
                          f"database row of --data {data.root}, found {tuple(codes.shape)}")
     check_codes(name, codes)
     return codes
+
+
+def check_old_run(source: RunFolder, config, data) -> None:
+    """--old-run must be a finished run of the same code length whose database begins --data's."""
+    from .data import check_database_prefix
+    if not source.finished_stages():
+        raise FileNotFoundError(f"--old-run {source.root}: has no finished stage (no <stage>/result.json); finish "
+                                f"it first, or pass --old-codes FILE")
+    old_config = source.read_json("config.json")
+    if old_config.get("code_length") != config.code_length:
+        raise ValueError(f"--old-run {source.root}: was trained with code_length {old_config.get('code_length')!r}, "
+                         f"this run uses {config.code_length!r}")
+    try:
+        check_database_prefix(source.root, data)
+    except ValueError as mismatch:
+        raise ValueError(f"--old-run {source.root}: its database is not the beginning of --data {data.root}'s "
+                         f"({mismatch}); prepare --data with --extends the old run's data") from None

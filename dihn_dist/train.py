@@ -146,8 +146,9 @@ class StageTraining:
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=stage.lr_decay)
         self.codes = codes.to(ctx.device, torch.float32)
         self.labels = torch.from_numpy(data.database_labels[:stage.num_database]).to(ctx.device, torch.float32)
-        # The hash term sees a batch item only through its label pattern (hashing.factorized_hash_loss).
+        # The hash term, r and DCC see database items only through their label patterns: found once a stage.
         self.patterns, self.pattern_of_row = hashing.label_patterns(self.labels)
+        self.learned_patterns = hashing.label_patterns(self.labels[stage.num_frozen:])
         self.history, self.next_iteration, self.elapsed_s = [], 0, 0.0
         share = len(batch_schedule(np.arange(config.num_samples), config.batch_size, ctx.world_size, ctx.rank)[0])
         self.loader = TrainLoader(data, batch_size=-(-config.batch_size // ctx.world_size), length=share,
@@ -163,7 +164,8 @@ class StageTraining:
             started = time.perf_counter()
             inject_failure(iteration, self.model)
             sample = sample_positions(config.seed, stage, iteration, config.num_samples)
-            r = hashing.soft_similarity_offset(self.labels[sample], self.labels) if config.soft_similarity else None
+            r = hashing.soft_similarity_offset(self.labels[sample], self.labels, db_patterns=(
+                self.patterns, self.pattern_of_row)) if config.soft_similarity else None
             outputs, positions, losses = self.train_on_sample(sample, r, iteration)
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
@@ -174,13 +176,16 @@ class StageTraining:
             if self.codes.is_cuda:
                 record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if config.eval_every and (iteration + 1) % config.eval_every == 0 and iteration + 1 < config.max_iter:
-                record.update(self.evaluate(during_training=True))
+                row, _, times = self.evaluate()
+                record.update({f"eval_{k}": v for k, v in row.items() if isinstance(v, float)}, **times,
+                              eval_s=sum(times.values()))
             self.end_iteration(iteration, record, time.perf_counter() - started)
         frozen_after = codes_checksum(self.codes[:stage.num_frozen])
         if frozen_after != frozen_before:
             raise RuntimeError(f"stage {stage.name}: the frozen codes changed ({frozen_before} -> {frozen_after})")
-        row, query_codes = self.evaluate()
+        row, query_codes, times = self.evaluate()
         return {"stage": stage.name, "row": row, "iterations": self.history, "train_time_s": self.elapsed_s,
+                "final_eval": times,
                 "frozen_rows": stage.num_frozen, "frozen_checksum_before": frozen_before,
                 "frozen_checksum_after": frozen_after, "codes_checksum": codes_checksum(self.codes),
                 "resolution": self.resolution}, query_codes
@@ -192,7 +197,9 @@ class StageTraining:
         self.next_iteration = iteration + 1
         self.reporter.scalars(self.stage.name, {k: v for k, v in record.items() if k != "iteration"}, iteration)
         log_iteration(self.stage.name, iteration, self.config.max_iter, record)
+        started = time.perf_counter()
         self.checkpoint()
+        record["checkpoint_s"] = time.perf_counter() - started  # in the history from the next checkpoint on
         dist.check_stop(f"outer iteration {iteration + 1} of stage {self.stage.name}")
 
     def train_on_sample(self, sample: torch.Tensor, r: Optional[float], iteration: int):
@@ -269,7 +276,8 @@ class StageTraining:
         if dist.context().is_main:
             rows = all_positions - stage.num_frozen
             learned = hashing.solve_dcc(learned, all_outputs, self.labels[all_positions], self.labels[stage.num_frozen:],
-                                        torch.where(rows >= 0, rows, -1), self.config.gamma, r)
+                                        torch.where(rows >= 0, rows, -1), self.config.gamma, r,
+                                        db_patterns=self.learned_patterns)
         dist.synchronize()
         solved = time.perf_counter()
         learned, payload = dist.broadcast_codes(learned, self.config.code_length)
@@ -281,20 +289,19 @@ class StageTraining:
                 # 0 when every bit splits the learned codes half and half, 1 when a bit is constant
                 "bit_imbalance": learned.float().mean(dim=0).abs().mean().item()}
 
-    def evaluate(self, during_training: bool = False):
-        """The stage's retrieval row (the same on every rank): its model's query codes against its codes."""
+    def evaluate(self):
+        """The stage's retrieval row (the same on every rank): its model's query codes against its codes.
+        Returns (row, query codes, the times of the sharded query encoding and of rank 0's metrics)."""
         started = time.perf_counter()
         query_codes = encode(self.model, self.data, "query", self.config, self.resolution, self.precision)
+        encoded = time.perf_counter()  # encode ends in a gather: every rank's shard is done
         row = None
         if dist.context().is_main:
             row = metrics.retrieval_row(query_codes, self.codes.to(torch.int8),
                                         torch.from_numpy(self.data.query_labels).to(query_codes.device), self.labels,
                                         self.data.num_seen, self.config.topk, self.config.precision_k)
         row = dist.broadcast_object(row)
-        if during_training:
-            return {**{f"eval_{k}": v for k, v in row.items() if isinstance(v, float)},
-                    "eval_s": time.perf_counter() - started}
-        return row, query_codes
+        return row, query_codes, {"eval_encode_s": encoded - started, "eval_metrics_s": time.perf_counter() - encoded}
 
     def checkpoint(self) -> None:
         rng = dist.gather_rng_states()

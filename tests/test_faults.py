@@ -415,7 +415,7 @@ def test_corrected_command_runs_after_a_failed_start(finished_run, tiny_prepared
     (broken / "original" / "result.json").unlink()
     assert train.main(["--data", str(tiny_prepared), "--out", str(out), *TINY, "--max-iter", "1",
                        "--stage", "incremental", "--old-run", str(broken)]) == 2
-    assert "no finished original stage" in capsys.readouterr().err and not out.exists()
+    assert "no finished stage has codes for the 420 inherited rows" in capsys.readouterr().err and not out.exists()
     # the corrected command needs no --resume: nothing was left behind
     assert train.main(["--data", str(tiny_prepared), "--out", str(out), *TINY, "--max-iter", "1",
                        "--stage", "original"]) == 0

@@ -470,3 +470,25 @@ def test_solve_dcc_on_cuda_matches_cpu():
     B, U, sl, dl, pos = make_problem(101, n=500, m=64, c=16)
     got = H.solve_dcc(B.cuda(), U.cuda(), sl.cuda(), dl.cuda(), pos.cuda(), 3.0, None)
     assert torch.equal(got.cpu(), H.solve_dcc(B, U, sl, dl, pos, 3.0, None))
+
+
+def test_label_patterns_by_int64_keys_equal_torch_unique_rows():
+    g = torch.Generator().manual_seed(12)
+    labels = (torch.rand(500, 21, generator=g) < 0.15).float()
+    patterns, inverse = H._unique_label_rows(labels, torch.device("cpu"))
+    expected_patterns, expected_inverse = torch.unique(labels != 0, dim=0, return_inverse=True)
+    assert torch.equal(patterns, expected_patterns) and torch.equal(inverse, expected_inverse)
+
+
+def test_kept_database_patterns_give_the_same_offset_and_codes():
+    g = gen(13)
+    db_labels = (torch.rand(300, 5, generator=g) < 0.3).float()
+    db_labels[torch.arange(300), torch.randint(0, 5, (300,), generator=g)] = 1
+    sample = torch.randperm(300, generator=g)[:40]
+    kept = H.label_patterns(db_labels)
+    r = H.soft_similarity_offset(db_labels[sample], db_labels)
+    assert H.soft_similarity_offset(db_labels[sample], db_labels, db_patterns=kept) == r
+    B = codes(300, 8, g)
+    U = torch.tanh(torch.randn(40, 8, generator=g))
+    args = (B, U, db_labels[sample], db_labels, sample, 5.0, r)
+    assert torch.equal(H.solve_dcc(*args), H.solve_dcc(*args, db_patterns=kept))

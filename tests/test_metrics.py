@@ -386,3 +386,25 @@ def test_nearest_ranks_by_distance_then_row_on_both_back_ends():
     from unittest import mock
     with mock.patch.object(M, "CPU_BACKEND", "torch"):
         assert torch.equal(M.nearest(queries, db, 20)[0], expected)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_retrieval_row_from_one_ranking_equals_the_separate_metrics(backend):
+    from unittest import mock
+    g = torch.Generator().manual_seed(9)
+    db_labels = (torch.rand(700, 6, generator=g) < 0.25).float()
+    db_labels[torch.arange(700), torch.randint(0, 6, (700,), generator=g)] = 1
+    query_labels = db_labels[torch.randperm(700, generator=g)[:40]]
+    db = (torch.randint(0, 2, (700, 10), generator=g) * 2 - 1).to(torch.int8)
+    queries = (torch.randint(0, 2, (40, 10), generator=g) * 2 - 1).to(torch.int8)
+    with mock.patch.object(M, "CPU_BACKEND", backend), mock.patch.object(M, "NUMPY_CHUNK_ENTRIES", 3000):
+        row = M.retrieval_row(queries, db, query_labels, db_labels, 4, 50, 30)
+        aps = M.average_precisions(queries, db, query_labels, db_labels, topk=50)
+        new = query_labels[:, 4:].sum(1) > 0
+        assert row["map_all"] == pytest.approx(M.mean_average_precision(queries, db, query_labels, db_labels), abs=1e-12)
+        assert row["map_topk"] == pytest.approx(float(aps.mean()), abs=1e-12)
+        assert row["precision_at_30"] == pytest.approx(M.precision_at_k(queries, db, query_labels, db_labels, 30),
+                                                       abs=1e-12)
+        assert row["map_incremental_queries"] == pytest.approx(float(aps[new].mean()), abs=1e-12)
+        assert row["map_original_queries"] == pytest.approx(float(aps[~new].mean()), abs=1e-12)
+        assert (row["topk"], row["num_queries"], row["num_database"]) == (50, 40, 700)
