@@ -1,6 +1,7 @@
 """python -m dihn_dist.evaluate RUN_DIR [--topk K] [--precision-k K] [--out DIR]
+   python -m dihn_dist.evaluate RUN_1 RUN_2 ... RUN_k [--topk K] [--out DIR]     (rounds: see dihn_dist.rounds)
 
-Recomputes every retrieval metric of a run from its exported codes and labels (no model, no images; see
+One run: recomputes every retrieval metric of a run from its exported codes and labels (no model, no images; see
 `dihn_dist.exported` for the format) and writes, into --out (default RUN_DIR/report):
     report.md, report.json     the table (original codes / DIHN / retrained ADSH, whichever stages finished:
                                mAP@ALL, mAP@K, precision@k, mAP@K over queries of original and of
@@ -11,6 +12,11 @@ Recomputes every retrieval metric of a run from its exported codes and labels (n
     bit_balance.png            fraction of +1 per bit of each stage's database codes
 The row of a stage is computed by `metrics.retrieval_row`, as the trainer does, so with the run's --topk and
 --precision-k the numbers equal those in metrics.json.
+
+Several runs, the rounds of a growing database in order (round 1's run, then each run chained from the one
+before with --old-run): the rounds report of `dihn_dist.rounds` (rounds.md, rounds.json, rounds_map.png,
+rounds_forgetting.png; default --out RUN_k/rounds-report): mAP per round for DIHN and the retrained baseline,
+split by the round of each query's classes, and forgetting. The runs are checked to form a chain first.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from . import errors, metrics, reportkit
+from . import errors, metrics, reportkit, rounds
 from .config import Config
 from .exported import ExportedRun, StageExport, load_run, load_stages
 from .formats import STAGE_SHORT_TITLES, STAGE_TITLES
@@ -276,15 +282,21 @@ def evaluate_run(run_dir, topk: Optional[int] = None, precision_k: Optional[int]
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dihn_dist.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by python -m dihn_dist.train")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run folder written by python -m dihn_dist.train; several: the runs of rounds 1..k "
+                             "in order, for the rounds report")
     parser.add_argument("--topk", type=int,
-                        help="K of mAP@K; <= 0 means the whole database (default: the run's --topk)")
-    parser.add_argument("--precision-k", type=int, help="k of precision@k (default: the run's --precision-k)")
-    parser.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/report)")
+                        help="K of mAP@K; <= 0 means the whole database (default: each run's --topk)")
+    parser.add_argument("--precision-k", type=int,
+                        help="k of precision@k, one-run report only (default: the run's --precision-k)")
+    parser.add_argument("--out", type=Path,
+                        help="report folder (default: RUN_DIR/report; rounds: RUN_k/rounds-report)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args = parser.parse_args(argv)
     if args.precision_k is not None and args.precision_k <= 0:
         parser.error(f"--precision-k: expected a positive number, got {args.precision_k}")
+    if args.precision_k is not None and len(args.run_dirs) > 1:
+        parser.error("--precision-k applies to the report of one run; the rounds report has no precision@k")
     return args
 
 
@@ -294,7 +306,10 @@ def main(argv=None) -> int:
 
 
 def report(args) -> int:
-    summary = evaluate_run(args.run_dir, args.topk, args.precision_k, args.out)
+    if len(args.run_dirs) > 1:
+        rounds.print_report(rounds.rounds_report(args.run_dirs, args.topk, args.out))
+        return 0
+    summary = evaluate_run(args.run_dirs[0], args.topk, args.precision_k, args.out)
     print(summary["data"])
     print(summary["table"])
     print(summary["agreement"])
