@@ -1,6 +1,7 @@
 """python -m dihn_dist.evaluate RUN_DIR [--topk K] [--precision-k K] [--out DIR]
+   python -m dihn_dist.evaluate RUN_1 RUN_2 ... RUN_k [--topk K] [--out DIR]     (rounds: see dihn_dist.rounds)
 
-Recomputes every retrieval metric of a run from its exported codes and labels (no model, no images; see
+One run: recomputes every retrieval metric of a run from its exported codes and labels (no model, no images; see
 `dihn_dist.exported` for the format) and writes, into --out (default RUN_DIR/report):
     report.md, report.json     the table (original codes / DIHN / retrained ADSH, whichever stages finished:
                                mAP@ALL, mAP@K, precision@k, mAP@K over queries of original and of
@@ -11,12 +12,16 @@ Recomputes every retrieval metric of a run from its exported codes and labels (n
     bit_balance.png            fraction of +1 per bit of each stage's database codes
 The row of a stage is computed by `metrics.retrieval_row`, as the trainer does, so with the run's --topk and
 --precision-k the numbers equal those in metrics.json.
+
+Several runs, the rounds of a growing database in order (round 1's run, then each run chained from the one
+before with --old-run): the rounds report of `dihn_dist.rounds` (rounds.md, rounds.json, rounds_map.png,
+rounds_forgetting.png; default --out RUN_k/rounds-report): mAP per round for DIHN and the retrained baseline,
+split by the round of each query's classes, and forgetting. The runs are checked to form a chain first.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +30,13 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from . import errors, metrics
+from . import errors, metrics, reportkit, rounds
 from .config import Config
 from .exported import ExportedRun, StageExport, load_run, load_stages
 from .formats import STAGE_SHORT_TITLES, STAGE_TITLES
+# DPI stays importable from here: a plot's size in pixels is FIGURE_INCHES x DPI.
+from .reportkit import DPI, backbone_description, format_value, markdown_table, save_figure, text_table  # noqa: F401
 
-# Figures are saved at a fixed size (no tight bounding box), so every PNG has a predictable pixel size.
-DPI = 100
 FIGURE_INCHES = {
     "precision_recall": (7.0, 5.0),
     "precision_at_k": (7.0, 5.0),
@@ -41,9 +46,8 @@ FIGURE_INCHES = {
 STAGE_COLOURS = {"original": "tab:blue", "incremental": "tab:orange", "retrain": "tab:green"}
 # Points of the precision@k curve, spaced evenly on a log axis from k = 1 to the whole database.
 PRECISION_CURVE_POINTS = 40
-# Row values compared with the trainer's record, and how close they must be (float summation order).
+# Row values compared with the trainer's record, besides its precision@k entries.
 RECORDED_KEYS = ("map_all", "map_topk", "map_original_queries", "map_incremental_queries")
-RECORDED_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -70,15 +74,8 @@ def precision_curve_ks(num_database: int) -> List[int]:
 
 def differences_from_record(row: dict, recorded: dict) -> Dict[str, list]:
     """Keys whose recomputed value differs from the trainer's record (same topk and precision k only)."""
-    differences = {}
     keys = [k for k in recorded if k.startswith("precision_at_")] + list(RECORDED_KEYS)
-    for key in keys:
-        ours, theirs = row.get(key), recorded.get(key)
-        if ours is None and theirs is None:
-            continue
-        if ours is None or theirs is None or not math.isclose(ours, theirs, rel_tol=0, abs_tol=RECORDED_TOLERANCE):
-            differences[key] = [ours, theirs]
-    return differences
+    return reportkit.differences_from_record(row, recorded, keys)
 
 
 def evaluate_stage(run: ExportedRun, stage: StageExport, topk: Optional[int], precision_k: int) -> StageReport:
@@ -107,18 +104,7 @@ def evaluate_stage(run: ExportedRun, stage: StageExport, topk: Optional[int], pr
 # Plots
 
 def new_figure(name: str, panels: int = 1):
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed (clusters, CI)
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, panels, figsize=FIGURE_INCHES[name], dpi=DPI, layout="constrained")
-    return figure, axes
-
-
-def save_figure(figure, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    figure.savefig(path, dpi=DPI)
-    plt.close(figure)
-    return path
+    return reportkit.new_figure(FIGURE_INCHES[name], panels)
 
 
 def stage_label(report: StageReport) -> str:
@@ -222,10 +208,6 @@ def write_plots(reports: List[StageReport], out: Path, code_length: int) -> Dict
 # ----------------------------------------------------------------------------------------------------
 # Table, report.md, report.json
 
-def format_value(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else "-"
-
-
 def table_rows(reports: List[StageReport], precision_k: int) -> List[List[str]]:
     header = ["row", "mAP@ALL", "mAP@K", "K", f"P@{precision_k}", "mAP@K orig q", "mAP@K incr q", "database"]
     rows = [header]
@@ -238,18 +220,6 @@ def table_rows(reports: List[StageReport], precision_k: int) -> List[List[str]]:
     return rows
 
 
-def text_table(rows: List[List[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(row, widths))) for row in rows)
-
-
-def markdown_table(rows: List[List[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    return "\n".join(lines)
-
-
 def data_summary(run: ExportedRun) -> str:
     manifest, config = run.manifest, run.config
     num_database = run.database_labels.shape[0]
@@ -257,16 +227,6 @@ def data_summary(run: ExportedRun) -> str:
             f"{run.num_seen} original classes, {num_database - run.num_original:,} incremental), "
             f"{run.query_labels.shape[0]:,} queries; {run.code_length}-bit codes, {config['arch']} "
             f"({backbone_description(config)})")
-
-
-def backbone_description(config: dict) -> str:
-    """Where the network's weights started: the published numbers assume ImageNet weights."""
-    pretrained = config.get("pretrained")
-    if pretrained not in (None, "", "none"):
-        return f"backbone from {pretrained}"
-    if config.get("arch") == "small-cnn":
-        return "trained from scratch"
-    return "UNTRAINED backbone: no --pretrained ImageNet weights, not comparable to the published numbers"
 
 
 def agreement_note(reports: List[StageReport]) -> str:
@@ -322,15 +282,21 @@ def evaluate_run(run_dir, topk: Optional[int] = None, precision_k: Optional[int]
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dihn_dist.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by python -m dihn_dist.train")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run folder written by python -m dihn_dist.train; several: the runs of rounds 1..k "
+                             "in order, for the rounds report")
     parser.add_argument("--topk", type=int,
-                        help="K of mAP@K; <= 0 means the whole database (default: the run's --topk)")
-    parser.add_argument("--precision-k", type=int, help="k of precision@k (default: the run's --precision-k)")
-    parser.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/report)")
+                        help="K of mAP@K; <= 0 means the whole database (default: each run's --topk)")
+    parser.add_argument("--precision-k", type=int,
+                        help="k of precision@k, one-run report only (default: the run's --precision-k)")
+    parser.add_argument("--out", type=Path,
+                        help="report folder (default: RUN_DIR/report; rounds: RUN_k/rounds-report)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args = parser.parse_args(argv)
     if args.precision_k is not None and args.precision_k <= 0:
         parser.error(f"--precision-k: expected a positive number, got {args.precision_k}")
+    if args.precision_k is not None and len(args.run_dirs) > 1:
+        parser.error("--precision-k applies to the report of one run; the rounds report has no precision@k")
     return args
 
 
@@ -340,7 +306,10 @@ def main(argv=None) -> int:
 
 
 def report(args) -> int:
-    summary = evaluate_run(args.run_dir, args.topk, args.precision_k, args.out)
+    if len(args.run_dirs) > 1:
+        rounds.print_report(rounds.rounds_report(args.run_dirs, args.topk, args.out))
+        return 0
+    summary = evaluate_run(args.run_dirs[0], args.topk, args.precision_k, args.out)
     print(summary["data"])
     print(summary["table"])
     print(summary["agreement"])

@@ -40,3 +40,32 @@ def copy_run(run: Path, destination: Path) -> Path:
     import shutil
     shutil.copytree(run, destination)
     return destination
+
+
+# A growing database: Fashion-MNIST in class rounds 0-3, +4-5, +6-7, +8-9 (classes so far after each round);
+# small per-class limits keep each round seconds long.
+CHAIN_CLASSES = (4, 6, 8, 10)
+CHAIN_PREPARE_ARGS = ["--dataset", "fashion-mnist", "--database-per-class", "30", "--query-per-class", "5",
+                      "--resolution", "28", "--num-workers", "2"]
+CHAIN_TRAIN_ARGS = [*TINY_TRAIN_ARGS, "--max-iter", "2", "--num-samples", "60"]
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory) -> dict:
+    """Four rounds, prepared and trained through the CLIs: round 1 = stage original, rounds 2-4 = DIHN from
+    the previous round's run (and the retrained baseline in round 2). {"data", "runs": folders, "folder"}."""
+    from dihn_dist import prepare, train
+
+    folder = tmp_path_factory.mktemp("rounds")
+    data, runs = [], []
+    for index, classes in enumerate(CHAIN_CLASSES):
+        out = folder / f"data{index + 1}"
+        extends = ["--extends", str(data[-1])] if data else []
+        assert prepare.main([*CHAIN_PREPARE_ARGS, "--classes", str(classes), *extends, "--out", str(out)]) == 0
+        data.append(out)
+        run = folder / f"run{index + 1}"
+        stages = ["--stage", "original"] if not runs else \
+            ["--stage", "incremental,retrain" if index == 1 else "incremental", "--old-run", str(runs[-1])]
+        assert train.main(["--data", str(out), "--out", str(run), *CHAIN_TRAIN_ARGS, *stages]) == 0
+        runs.append(run)
+    return {"data": data, "runs": runs, "folder": folder}

@@ -10,36 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_TRAIN_ARGS as TINY
-from dihn_dist import prepare, train
+from conftest import CHAIN_CLASSES as ROUNDS, CHAIN_TRAIN_ARGS as TRAIN
+from dihn_dist import train
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
-
-# Fashion-MNIST in class rounds 0-3, +4-5, +6-7, +8-9; small per-class limits keep each round seconds long.
-ROUNDS = (4, 6, 8, 10)
-SMALL = ["--dataset", "fashion-mnist", "--database-per-class", "30", "--query-per-class", "5",
-         "--resolution", "28", "--num-workers", "2"]
-TRAIN = [*TINY, "--max-iter", "2", "--num-samples", "60"]
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> dict:
-    """Four rounds, prepared and trained through the CLIs: round 1 = stage original, rounds 2-4 = DIHN from
-    the previous round's run (and the retrained baseline in round 2)."""
-    folder = tmp_path_factory.mktemp("rounds")
-    data, runs = [], []
-    for index, classes in enumerate(ROUNDS):
-        out = folder / f"data{index + 1}"
-        extends = ["--extends", str(data[-1])] if data else []
-        assert prepare.main([*SMALL, "--classes", str(classes), *extends, "--out", str(out)]) == 0
-        data.append(out)
-        run = folder / f"run{index + 1}"
-        stages = ["--stage", "original"] if not runs else \
-            ["--stage", "incremental,retrain" if index == 1 else "incremental", "--old-run", str(runs[-1])]
-        assert train.main(["--data", str(out), "--out", str(run), *TRAIN, *stages]) == 0
-        runs.append(run)
-    return {"data": data, "runs": runs, "folder": folder}
-
 
 def stage_codes(run: Path) -> np.ndarray:
     stage = "incremental" if (run / "incremental" / "result.json").is_file() else "original"

@@ -1,0 +1,68 @@
+"""What the two reports of `python -m dihn_dist.evaluate` share (one run: `evaluate`; several rounds:
+`rounds`): fixed-size figures, text and Markdown tables, and the comparison with the trainer's record."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List, Tuple
+
+# Figures are saved at a fixed size (no tight bounding box), so every PNG has a predictable pixel size.
+DPI = 100
+# Recomputed values equal the trainer's up to the order of float summation.
+RECORDED_TOLERANCE = 1e-9
+
+
+def new_figure(inches: Tuple[float, float], panels: int = 1):
+    """A matplotlib figure of `inches` at DPI with `panels` axes side by side: (figure, axes)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed (clusters, CI)
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, panels, figsize=inches, dpi=DPI, layout="constrained")
+
+
+def save_figure(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return path
+
+
+def format_value(value) -> str:
+    """A metric with four decimals; '-' where there is none (a split without queries, a stage not run)."""
+    return f"{value:.4f}" if isinstance(value, float) else "-"
+
+
+def text_table(rows: List[List[str]]) -> str:
+    """Aligned columns for a terminal: the first left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in rows)
+
+
+def markdown_table(rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def backbone_description(config: dict) -> str:
+    """Where the network's weights started: the published numbers assume ImageNet weights."""
+    pretrained = config.get("pretrained")
+    if pretrained not in (None, "", "none"):
+        return f"backbone from {pretrained}"
+    if config.get("arch") == "small-cnn":
+        return "trained from scratch"
+    return "UNTRAINED backbone: no --pretrained ImageNet weights, not comparable to the published numbers"
+
+
+def differences_from_record(row: dict, recorded: dict, keys: Iterable[str]) -> Dict[str, list]:
+    """Keys whose recomputed value differs from the trainer's record: {key: [recomputed, recorded]}.
+    Compare only rows computed with the same top k (and precision k) as the trainer's."""
+    differences = {}
+    for key in keys:
+        ours, theirs = row.get(key), recorded.get(key)
+        if ours is None and theirs is None:
+            continue
+        if ours is None or theirs is None or not math.isclose(ours, theirs, rel_tol=0, abs_tol=RECORDED_TOLERANCE):
+            differences[key] = [ours, theirs]
+    return differences
