@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .augment import AUGMENTATIONS
+from .augment import AUGMENTATIONS, resolve as resolve_augment
 from .formats import STAGES
 from .models import ARCHITECTURES, PRECISIONS, SWITCHES
 
@@ -46,7 +46,7 @@ class Config:
     arch: str = "alexnet"
     pretrained: str = "none"
     resolution: Optional[int] = None
-    augment: str = "crop-flip"
+    augment: str = "auto"  # resolved from --arch by parse_config (augment.resolve)
     stage: List[str] = field(default_factory=lambda: ["original", "incremental"])
     old_run: Optional[str] = None
     old_stage: Optional[str] = None
@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "without it the backbone is untrained)")
     a("--resolution", type=int, help="training/eval image side (default: 224 for alexnet/resnet50; for small-cnn "
                                      "the prepared images' most common side)")
-    a("--augment", choices=AUGMENTATIONS, help="training augmentation (seeded, applied on the device)")
+    a("--augment", choices=AUGMENTATIONS, help="training augmentation (seeded, applied on the device); auto = "
+                                                "flip for small-cnn (tiny images), crop-flip otherwise")
     a("--stage", type=_stages_argument, help="original, incremental, retrain, all (= original,incremental) or a "
                                              "comma-separated list; retrain = ADSH from scratch on everything")
     a("--old-run", help="a finished run whose codes are B_old for stage 2 (a previous round: its database must be "
@@ -261,6 +262,7 @@ def parse_config(argv=None) -> Config:
         config.data = f"data/{config.dataset or 'fashion-mnist'}"
     if config.topk is not None and config.topk <= 0:
         config.topk = None
+    config.augment = resolve_augment(config.augment, config.arch)
     validate(config)
     return config
 

@@ -15,24 +15,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from . import errors
 from .exported import read_json
 from .formats import STAGES
+from .reportkit import map_points
 
 DEFAULT_WINDOW = 10
 DEFAULT_MIN_GAIN = 0.005
-
-
-def map_points(iterations: Sequence[dict], final_map: float) -> List[Tuple[int, float]]:
-    """(outer iteration, mAP@ALL) pairs, 1-based: every --eval-every evaluation, then the final row's mAP."""
-    points = [(record["iteration"] + 1, float(record["eval_map_all"])) for record in iterations
-              if "eval_map_all" in record]
-    last = len(iterations)
-    if not points or points[-1][0] != last:
-        points.append((last, float(final_map)))
-    return points
 
 
 def map_at_or_before(points: Sequence[Tuple[int, float]], iteration: int) -> Optional[float]:

@@ -35,7 +35,7 @@ from .config import Config
 from .exported import ExportedRun, StageExport, load_run, load_stages
 from .formats import STAGE_SHORT_TITLES, STAGE_TITLES
 # DPI stays importable from here: a plot's size in pixels is FIGURE_INCHES x DPI.
-from .reportkit import DPI, backbone_description, format_value, markdown_table, save_figure, text_table  # noqa: F401
+from .reportkit import DPI, backbone_description, format_value, map_points, markdown_table, save_figure, text_table  # noqa: F401
 
 FIGURE_INCHES = {
     "precision_recall": (7.0, 5.0),
@@ -144,20 +144,12 @@ def plot_precision_at_k(reports: List[StageReport], path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def map_series(report: StageReport) -> tuple:
-    """(outer iteration numbers, mAP@ALL): the --eval-every evaluations, then the stage's final row."""
-    points = [(record["iteration"] + 1, record["eval_map_all"]) for record in report.iterations
-              if "eval_map_all" in record]
-    points.append((len(report.iterations), report.row["map_all"]))
-    return tuple(zip(*points))
-
-
 def plot_per_iteration(reports: List[StageReport], path: Path) -> Path:
     figure, (map_axes, loss_axes) = new_figure("per_iteration", panels=2)
     evaluated_during_training = any("eval_map_all" in r for report in reports for r in report.iterations)
     for report in reports:
         colour = STAGE_COLOURS[report.stage]
-        iterations, maps = map_series(report)
+        iterations, maps = zip(*map_points(report.iterations, report.row["map_all"]))
         map_axes.plot(iterations, maps, marker="o", color=colour, label=STAGE_SHORT_TITLES[report.stage])
         losses = [(r["iteration"] + 1, r["loss_total"]) for r in report.iterations if "loss_total" in r]
         if losses:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 # Figures are saved at a fixed size (no tight bounding box), so every PNG has a predictable pixel size.
 DPI = 100
@@ -25,6 +25,16 @@ def save_figure(figure, path: Path) -> Path:
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
     return path
+
+
+def map_points(iterations: Sequence[dict], final_map: float) -> List[Tuple[int, float]]:
+    """(outer iteration, mAP@ALL) pairs, 1-based: every --eval-every evaluation, then the final row's mAP."""
+    points = [(record["iteration"] + 1, float(record["eval_map_all"])) for record in iterations
+              if "eval_map_all" in record]
+    last = len(iterations)
+    if not points or points[-1][0] != last:
+        points.append((last, float(final_map)))
+    return points
 
 
 def format_value(value) -> str:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on the embedded default dataset (Fashion-MNIST, 7 original + 3 incremental classes):
 # set-up, prepare the FFCV files once, then stage 1 (ADSH), stage 2 (DIHN) and the ADSH-retrained
-# baseline, and print the comparison table. Settings are sized for a 2-core CPU (about 10 minutes);
-# on a GPU machine the same command runs on the GPU. Extra arguments go to dihn_dist.train.
+# baseline at DIHN's budget (20 outer iterations each), and print the comparison table. Every stage is
+# evaluated every 2 outer iterations, so `python -m dihn_dist.evaluate $OUT` draws the mAP curves. Settings
+# are sized for a 2-core CPU (about 10 minutes); on a GPU machine the same command runs on the GPU. Extra
+# arguments go to dihn_dist.train. The retrain given as many iterations as it needs: launch/converged_retrain.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 setup_all
 cd "$REPO_ROOT"
@@ -11,5 +13,5 @@ OUT="${DIHN_OUT:-$REPO_ROOT/runs/demo}"
 run python -m dihn_dist.prepare --dataset fashion-mnist --out "$DATA"
 run python -m dihn_dist.train --data "$DATA" --out "$OUT" --resume \
   --arch small-cnn --code-length 12 --max-iter 20 --max-epoch 3 --num-samples 2000 --batch-size 64 \
-  --lr 1e-3 --stage original,incremental,retrain "$@"
+  --lr 1e-3 --eval-every 2 --stage original,incremental,retrain "$@"
 echo "Run folder: $OUT (metrics.json, codes, models, logs; TensorBoard: tensorboard --logdir $OUT)"

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dihn_dist import evaluate, exported, metrics
+from dihn_dist import evaluate, exported, metrics, reportkit
+from dihn_dist.models import build_model
 from conftest import copy_run
 
 # FFCV's discarded loaders print harmless numba finalizer KeyErrors (FFCV 1.0.2 with numba).
@@ -88,7 +89,7 @@ def test_map_per_iteration_comes_from_the_eval_entries(run):
     loaded = exported.load_run(run)
     stage = loaded.stage("incremental")
     stage_report = evaluate.evaluate_stage(loaded, stage, None, loaded.config["precision_k"])
-    iterations, maps = evaluate.map_series(stage_report)
+    iterations, maps = zip(*reportkit.map_points(stage_report.iterations, stage_report.row["map_all"]))
     history = json.loads((run / "metrics.json").read_text())["stages"]["incremental"]["iterations"]
     assert iterations == (1, 2)
     assert maps == (history[0]["eval_map_all"], stage_report.row["map_all"])
@@ -184,3 +185,13 @@ def test_codes_of_another_shape_are_refused(run, tmp_path):
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(exported.RunFormatError, match="database_codes.packed.npy: expected uint8 of shape"):
         evaluate.evaluate_run(other)
+
+
+def test_diagnose_stage_reads_a_finished_run(run, capsys):
+    """tests/bench/diagnose_stage.py, the evidence script of docs/quality.md, on a finished tiny run."""
+    sys.path.insert(0, str(Path(__file__).parent / "bench"))
+    import diagnose_stage
+    diagnose_stage.main([str(run), "--stage", "incremental"])
+    printed = capsys.readouterr().out
+    assert "units" in printed and "dead" in printed and "bit means" in printed
+    assert printed.count("median |g|") == 2 * len(list(build_model("small-cnn", 8).parameters()))
