@@ -34,8 +34,7 @@ from . import errors, metrics, reportkit, rounds
 from .config import Config
 from .exported import ExportedRun, StageExport, load_run, load_stages
 from .formats import STAGE_SHORT_TITLES, STAGE_TITLES
-# DPI stays importable from here: a plot's size in pixels is FIGURE_INCHES x DPI.
-from .reportkit import DPI, backbone_description, format_value, map_points, markdown_table, save_figure, text_table  # noqa: F401
+from .reportkit import backbone_description, format_value, map_points, markdown_table, save_figure, text_table
 
 FIGURE_INCHES = {
     "precision_recall": (7.0, 5.0),

@@ -35,6 +35,23 @@ def finished_run(tiny_prepared, tmp_path_factory) -> Path:
     return out
 
 
+def assert_plots_decode(out: Path, plots: dict, figure_inches: dict, markdown: str) -> None:
+    """Every plot of a report is a PNG of its figure's size in pixels and the report's markdown links it."""
+    from PIL import Image
+    from dihn_dist import reportkit
+
+    assert set(plots) == set(figure_inches)
+    text = (out / markdown).read_text()
+    for name, file in plots.items():
+        with Image.open(out / file) as image:
+            image.verify()
+        with Image.open(out / file) as image:
+            width, height = figure_inches[name]
+            assert image.size == (round(width * reportkit.DPI), round(height * reportkit.DPI)), name
+            assert image.format == "PNG"
+        assert f"]({file})" in text
+
+
 def copy_run(run: Path, destination: Path) -> Path:
     """A copy to damage in a test (the shared run stays intact)."""
     import shutil

@@ -7,11 +7,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dihn_dist import evaluate, exported, metrics, reportkit
 from dihn_dist.models import build_model
-from conftest import copy_run
+from conftest import assert_plots_decode, copy_run
 
 # FFCV's discarded loaders print harmless numba finalizer KeyErrors (FFCV 1.0.2 with numba).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -57,18 +56,7 @@ def test_topk_option_changes_only_map_at_k(run, tmp_path):
 
 
 def test_plots_decode_with_their_figure_size(report):
-    out = Path(report["out"])
-    assert set(report["plots"]) == set(evaluate.FIGURE_INCHES)
-    markdown = (out / "report.md").read_text()
-    for name, file in report["plots"].items():
-        with Image.open(out / file) as image:
-            image.verify()
-        with Image.open(out / file) as image:
-            width, height = evaluate.FIGURE_INCHES[name]
-            assert image.size == (round(width * evaluate.DPI), round(height * evaluate.DPI)), name
-            assert image.format == "PNG"
-        assert f"]({file})" in markdown
-    assert "| DIHN |" in markdown
+    assert_plots_decode(Path(report["out"]), report["plots"], evaluate.FIGURE_INCHES, "report.md")
 
 
 def test_curves_and_bit_balance(run, report):

@@ -11,10 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import CHAIN_CLASSES, CHAIN_TRAIN_ARGS, copy_run
-from dihn_dist import evaluate, exported, metrics, reportkit, rounds, train
+from conftest import CHAIN_CLASSES, CHAIN_TRAIN_ARGS, assert_plots_decode, copy_run
+from dihn_dist import evaluate, exported, metrics, rounds, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 
@@ -110,21 +109,7 @@ def test_a_multi_label_query_belongs_to_the_earliest_round_of_its_classes():
 
 
 def test_plots_decode_with_their_figure_size(report):
-    out = Path(report["out"])
-    assert set(report["plots"]) == set(rounds.FIGURE_INCHES)
-    markdown = (out / "rounds.md").read_text()
-    for name, file in report["plots"].items():
-        with Image.open(out / file) as image:
-            image.verify()
-        with Image.open(out / file) as image:
-            width, height = rounds.FIGURE_INCHES[name]
-            assert image.size == (round(width * reportkit.DPI), round(height * reportkit.DPI)), name
-            assert image.format == "PNG"
-        assert f"]({file})" in markdown
-    for term in rounds.DEFINITIONS:
-        assert f"**{term}**" in markdown
-    written = json.loads((out / "rounds.json").read_text())
-    assert written["forgetting"] == json.loads(json.dumps(report["forgetting"]))
+    assert_plots_decode(Path(report["out"]), report["plots"], rounds.FIGURE_INCHES, "rounds.md")
 
 
 def test_cli_prints_the_tables_and_writes_into_the_last_run_by_default(chain, tmp_path, capsys):

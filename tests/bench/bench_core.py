@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from benchkit import table
 from dihn_dist import hashing as H
 from dihn_dist import metrics as M
 
@@ -240,14 +241,8 @@ def main():
                  f"{mp_['t_ref']:.2f} s", f"{mp_['t_ref'] / mp_['t_ours']:.1f}x",
                  f"mAP {mp_['ours']:.6f}, |diff| {abs(mp_['ours'] - mp_['ref']):.1e}"))
 
-    header = ("benchmark", "ours", "reference", "speed-up", "check")
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
-    line = lambda row: "| " + " | ".join(str(v).ljust(w) for v, w in zip(row, widths)) + " |"  # noqa: E731
     print()
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+    print(table(("benchmark", "ours", "reference", "speed-up", "check"), rows))
 
 
 if __name__ == "__main__":

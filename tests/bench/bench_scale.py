@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nus_synth  # noqa: E402
+from benchkit import table  # noqa: E402
 from nus_synth import FULL_DATABASE, FULL_QUERY_PER_TAG  # noqa: E402
 
 POLL_S = 0.5
@@ -868,14 +869,8 @@ def projection_rows(state: State, run: Path) -> List[tuple]:
 
 
 def print_table(rows: List[tuple]) -> None:
-    header = ("section", "measurement", "value(s)", "how / notes")
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
-    line = lambda row: "| " + " | ".join(str(v).ljust(w) for v, w in zip(row, widths)) + " |"  # noqa: E731
     print()
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+    print(table(("section", "measurement", "value(s)", "how / notes"), rows))
 
 
 def recorded_dcc(run: Path) -> Dict[str, List[float]]:

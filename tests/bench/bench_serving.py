@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchkit import table
 from dihn_dist import export, retrieve, serve
 from dihn_dist import metrics as M
 
@@ -238,12 +239,6 @@ def bench_rounds(kind, codes, query_codes, db_classes, query_classes, exact, fre
 
 # ----------------------------------------------------------------------------------------------------
 # Report
-
-def table(header, rows):
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
-    line = lambda row: "| " + " | ".join(str(v).ljust(w) for v, w in zip(row, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
-
 
 def settings_text(settings):
     return ", ".join(f"{k} {v}" for k, v in settings.items())
