@@ -8,11 +8,9 @@
 #
 # Settings: the demo's (launch/demo.sh: 12 bits, small CNN from scratch, lr 1e-3, batch 64, 3 epochs x
 # 2,000 samples per outer iteration) with 15 outer iterations per stage instead of 20, so that the seven
-# stages (round 1: original; rounds 2-4: incremental + retrain) fit in 20 minutes on an idle 2-core CPU.
-# Budget, from demo.sh's measured stage times on such a machine (20 iterations + encoding in 123-137 s a
-# stage, about 6 s an iteration): 7 stages x (15 x 6 s + about 15 s to encode and export) = about 12 min,
-# plus four preparations (about 20 s each), four trainer start-ups and the report: about 15 minutes.
-# On a CPU shared with other jobs it takes several times longer. Extra arguments go to every
+# stages (round 1: original; rounds 2-4: incremental + retrain) fit in 15 minutes on an idle 2-core CPU:
+# measured 12 min 42 s (80-87 s of training a stage; the README has the table). On a CPU shared with other
+# jobs it takes several times longer. Extra arguments go to every
 # dihn_dist.train command (e.g. --max-iter 20, or --device cuda).
 #
 # Idempotent like demo.sh: a finished preparation is not written again, and every train command uses
