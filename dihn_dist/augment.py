@@ -12,8 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-# "auto" is resolved from the architecture before training (resolve): the modes below are what runs.
-AUGMENTATIONS = ("auto", "crop-flip", "flip", "none")
+# What runs; --augment also takes "auto", which the configuration resolves from --arch (resolve).
+MODES = ("crop-flip", "flip", "none")
+AUGMENTATIONS = ("auto",) + MODES
 
 # crop-flip: a crop of 35-100% of the image's area, aspect 3:4 to 4:3, resized back to the input size.
 CROP_SCALE = (0.35, 1.0)
@@ -35,8 +36,8 @@ def resolve(mode: str, arch: str) -> str:
 def draw_params(generator: torch.Generator, count: int, mode: str,
                 scale=CROP_SCALE, ratio=CROP_RATIO) -> torch.Tensor:
     """(count, 5) float32 rows: crop width, crop height (fractions of the side), centre x, centre y, flip sign."""
-    if mode not in AUGMENTATIONS or mode == "auto":
-        raise ValueError(f"--augment: expected one of {', '.join(AUGMENTATIONS[1:])} (auto is resolved by the "
+    if mode not in MODES:
+        raise ValueError(f"--augment: expected one of {', '.join(MODES)} (auto is resolved by the "
                          f"configuration), got {mode!r}")
     uniform = torch.rand(count, 5, generator=generator)
     params = torch.empty(count, 5)

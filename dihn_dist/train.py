@@ -214,7 +214,6 @@ class StageTraining:
         """
         ctx, config, stage = dist.context(), self.config, self.stage
         num_samples, n = sample.shape[0], stage.num_database
-        augmentation = augment.resolve(config.augment, config.arch)
         stats = hashing.hash_term_stats(self.codes, self.patterns, self.pattern_of_row, r)
         global_sizes = [end - start for start, end in global_batch_bounds(num_samples, config.batch_size, ctx.world_size)]
         by_position = np.argsort(sample.numpy())  # the slot of a position, without an n-sized table
@@ -223,7 +222,7 @@ class StageTraining:
         for epoch in range(config.max_epoch):
             generator = seeded_generator(config.seed, stage.seed_key, iteration, epoch)
             order = sample[torch.randperm(num_samples, generator=generator)].numpy()
-            augment_params = augment.draw_params(generator, num_samples, augmentation)
+            augment_params = augment.draw_params(generator, num_samples, config.augment)
             positions, step_sizes = batch_schedule(order, config.batch_size, ctx.world_size, ctx.rank)
             params = augment_params[slot_of(positions)].to(ctx.device)
             on_device = torch.from_numpy(positions).to(ctx.device)
@@ -234,7 +233,7 @@ class StageTraining:
             for step, (images, _, _) in enumerate(progress(self.loader, len(step_sizes),
                                                            f"{stage.name} it {iteration + 1} epoch {epoch + 1}")):
                 batch = slice(starts[step], starts[step + 1])
-                if augmentation != "none":
+                if config.augment != "none":
                     images = augment.apply(images, params[batch])
                 if self.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
