@@ -5,12 +5,15 @@ from pathlib import Path
 
 import pytest
 
+from dihn_dist import train
+
 
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory) -> Path:
     """A small Fashion-MNIST preparation (60 database items and 10 queries per class, 28 px raw RGB):
     600 database images (420 original, classes 0..6, then 180 incremental) and 100 queries."""
-    from dihn_dist.prepare import parse_args, prepare
+    from dihn_dist.data.prepare import prepare
+    from dihn_dist.prepare import parse_args
 
     out = tmp_path_factory.mktemp("prepared") / "fashion-mnist-tiny"
     prepare(parse_args(["--dataset", "fashion-mnist", "--out", str(out), "--database-per-class", "60",
@@ -27,7 +30,6 @@ TINY_TRAIN_ARGS = ["--arch", "small-cnn", "--code-length", "8", "--max-epoch", "
 def finished_run(tiny_prepared, tmp_path_factory) -> Path:
     """One finished tiny run (stages original, incremental, retrain) shared by the tests that only read it.
     --eval-every 1 gives the per-iteration mAP entries (eval_*) and their TensorBoard scalars."""
-    from dihn_dist import train
 
     out = tmp_path_factory.mktemp("finished_run") / "run"
     assert train.main(["--data", str(tiny_prepared), "--out", str(out), *TINY_TRAIN_ARGS,
@@ -38,7 +40,8 @@ def finished_run(tiny_prepared, tmp_path_factory) -> Path:
 def assert_plots_decode(out: Path, plots: dict, figure_inches: dict, markdown: str) -> None:
     """Every plot of a report is a PNG of its figure's size in pixels and the report's markdown links it."""
     from PIL import Image
-    from dihn_dist import reportkit
+
+    from dihn_dist.reports import figures
 
     assert set(plots) == set(figure_inches)
     text = (out / markdown).read_text()
@@ -47,7 +50,7 @@ def assert_plots_decode(out: Path, plots: dict, figure_inches: dict, markdown: s
             image.verify()
         with Image.open(out / file) as image:
             width, height = figure_inches[name]
-            assert image.size == (round(width * reportkit.DPI), round(height * reportkit.DPI)), name
+            assert image.size == (round(width * figures.DPI), round(height * figures.DPI)), name
             assert image.format == "PNG"
         assert f"]({file})" in text
 
@@ -71,7 +74,7 @@ CHAIN_TRAIN_ARGS = [*TINY_TRAIN_ARGS, "--max-iter", "2", "--num-samples", "60"]
 def chain(tmp_path_factory) -> dict:
     """Four rounds, prepared and trained through the CLIs: round 1 = stage original, rounds 2-4 = DIHN from
     the previous round's run (and the retrained baseline in round 2). {"data", "runs": folders, "folder"}."""
-    from dihn_dist import prepare, train
+    from dihn_dist import prepare
 
     folder = tmp_path_factory.mktemp("rounds")
     data, runs = [], []

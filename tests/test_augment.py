@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from dihn_dist import augment
-from dihn_dist.config import parse_config
+from dihn_dist.models import augment
+from dihn_dist.training.config import parse_config
 
 
 def test_auto_flips_tiny_images_and_crops_imagenet_inputs():

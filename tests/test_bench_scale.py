@@ -1,5 +1,5 @@
 """The synthetic NUS-WIDE tc21 generator of tests/bench/bench_scale.py, at a tiny size: the files are what
-`dihn_dist.datasets.load_nus_wide_tc21` reads, the labels are multi-label with the protocol's query blocks,
+`dihn_dist.data.sources.load_nus_wide_tc21` reads, the labels are multi-label with the protocol's query blocks,
 and every image shows its tags (each tag's tint is the one that dominates the picture's saturated pixels)."""
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "bench"))
 import nus_synth  # noqa: E402
 
-from dihn_dist.datasets import NUS_WIDE_FILES, load_nus_wide_tc21  # noqa: E402
+from dihn_dist.data.sources import NUS_WIDE_FILES, load_nus_wide_tc21
 
 DATABASE, QUERY_PER_TAG = 60, 1
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from dihn_dist import convergence, reportkit
+from dihn_dist.reports import convergence, figures
 
 
 def history(maps, train_s=10.0, eval_s=2.0, every=2):
@@ -19,7 +19,7 @@ def history(maps, train_s=10.0, eval_s=2.0, every=2):
 
 def test_points_are_the_evaluations_then_the_final_row():
     records = history([0.1, 0.2, 0.3, 0.4, 0.5])
-    assert reportkit.map_points(records, final_map=0.55) == [(2, 0.2), (4, 0.4), (5, 0.55)]
+    assert figures.map_points(records, final_map=0.55) == [(2, 0.2), (4, 0.4), (5, 0.55)]
 
 
 def test_converged_at_the_first_flat_window():

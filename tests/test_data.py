@@ -1,4 +1,4 @@
-"""dihn_dist.data: prepared-folder loading, per-rank batch schedules and the FFCV loaders (CPU)."""
+"""dihn_dist.data.prepared: prepared-folder loading, per-rank batch schedules and the FFCV loaders (CPU)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dihn_dist.data import TrainLoader, batch_schedule, eval_batches, load_prepared
-from dihn_dist.datasets import load_fashion_mnist
+from dihn_dist.data.loader import TrainLoader, batch_schedule, eval_batches
+from dihn_dist.data.prepared import load_prepared
+from dihn_dist.data.sources import load_fashion_mnist
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 

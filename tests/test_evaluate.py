@@ -1,16 +1,18 @@
 """python -m dihn_dist.evaluate and the exported format, on a tiny finished run; TensorBoard read-back."""
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from dihn_dist import evaluate, exported, metrics, reportkit
-from dihn_dist.models import build_model
 from conftest import assert_plots_decode, copy_run
+
+from dihn_dist.method import metrics
+from dihn_dist.models.networks import build_model
+from dihn_dist.reports import evaluate, figures
+from dihn_dist.training import run_reader
 
 # FFCV's discarded loaders print harmless numba finalizer KeyErrors (FFCV 1.0.2 with numba).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -45,8 +47,8 @@ def test_report_rows_equal_metrics_json(run, report):
 
 def test_topk_option_changes_only_map_at_k(run, tmp_path):
     summary = evaluate.evaluate_run(run, topk=5, out=tmp_path)
-    incremental = exported.load_run(run).stage("incremental")
-    labels = exported.load_run(run)
+    incremental = run_reader.load_run(run).stage("incremental")
+    labels = run_reader.load_run(run)
     expected = metrics.mean_average_precision(
         torch.from_numpy(incremental.query_codes), torch.from_numpy(incremental.database_codes),
         torch.from_numpy(labels.query_labels), torch.from_numpy(labels.database_labels), topk=5)
@@ -60,7 +62,7 @@ def test_plots_decode_with_their_figure_size(report):
 
 
 def test_curves_and_bit_balance(run, report):
-    loaded = exported.load_run(run)
+    loaded = run_reader.load_run(run)
     for stage, curves in report["stages"].items():
         codes = loaded.stage(stage).database_codes
         assert curves["bit_balance"] == pytest.approx((codes > 0).mean(axis=0).tolist())
@@ -74,10 +76,10 @@ def test_curves_and_bit_balance(run, report):
 
 
 def test_map_per_iteration_comes_from_the_eval_entries(run):
-    loaded = exported.load_run(run)
+    loaded = run_reader.load_run(run)
     stage = loaded.stage("incremental")
     stage_report = evaluate.evaluate_stage(loaded, stage, None, loaded.config["precision_k"])
-    iterations, maps = zip(*reportkit.map_points(stage_report.iterations, stage_report.row["map_all"]))
+    iterations, maps = zip(*figures.map_points(stage_report.iterations, stage_report.row["map_all"]))
     history = json.loads((run / "metrics.json").read_text())["stages"]["incremental"]["iterations"]
     assert iterations == (1, 2)
     assert maps == (history[0]["eval_map_all"], stage_report.row["map_all"])
@@ -103,7 +105,7 @@ def test_exported_codes_load_with_numpy_alone(run):
     expected = metrics.hamming_distances(torch.from_numpy(query_codes[:1]), torch.from_numpy(codes))[0].numpy()
     assert np.array_equal(distances, expected)
     # and the reader needs neither torch nor the rest of dihn_dist's dependencies
-    check = ("import sys; from dihn_dist import exported; r = exported.load_run(sys.argv[1]); "
+    check = ("import sys; from dihn_dist.training import run_reader; r = run_reader.load_run(sys.argv[1]); "
              "r.stage('incremental'); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", check, str(run)], check=True)
 
@@ -126,23 +128,23 @@ def test_tensorboard_scalars_read_back(run):
 # Bad run folders
 
 def test_missing_run_folder(tmp_path):
-    with pytest.raises(exported.IncompleteRunError, match="does not exist.*dihn_dist.train"):
+    with pytest.raises(run_reader.IncompleteRunError, match="does not exist.*dihn_dist.train"):
         evaluate.evaluate_run(tmp_path / "nothing")
-    with pytest.raises(exported.IncompleteRunError, match="config.json is missing.*not a run folder"):
+    with pytest.raises(run_reader.IncompleteRunError, match="config.json is missing.*not a run folder"):
         evaluate.evaluate_run(tmp_path)
 
 
 def test_missing_labels_name_the_resume_command(run, tmp_path):
     broken = copy_run(run, tmp_path / "run")
     (broken / "query_labels.npy").unlink()
-    with pytest.raises(exported.IncompleteRunError, match="query_labels.npy is missing.*--config .*--resume"):
+    with pytest.raises(run_reader.IncompleteRunError, match="query_labels.npy is missing.*--config .*--resume"):
         evaluate.evaluate_run(broken)
 
 
 def test_missing_codes_say_how_to_export_them_again(run, tmp_path):
     broken = copy_run(run, tmp_path / "run")
     (broken / "incremental" / "database_codes.packed.npy").unlink()
-    with pytest.raises(exported.IncompleteRunError,
+    with pytest.raises(run_reader.IncompleteRunError,
                        match="database_codes.packed.npy is missing; delete .*result.json and run .*--stage "
                              "incremental --resume.*re-exports"):
         evaluate.evaluate_run(broken)
@@ -153,8 +155,8 @@ def test_unfinished_stage_is_left_out_and_named_when_asked_for(run, tmp_path):
     (partial / "retrain" / "result.json").unlink()
     summary = evaluate.evaluate_run(partial, out=tmp_path / "report")
     assert [r["stage"] for r in summary["rows"]] == ["original", "incremental"]
-    with pytest.raises(exported.IncompleteRunError, match="stage 'retrain' has not finished.*--stage retrain"):
-        exported.load_run(partial).stage("retrain")
+    with pytest.raises(run_reader.IncompleteRunError, match="stage 'retrain' has not finished.*--stage retrain"):
+        run_reader.load_run(partial).stage("retrain")
 
 
 def test_other_format_version_is_refused(run, tmp_path, capsys):
@@ -171,7 +173,7 @@ def test_codes_of_another_shape_are_refused(run, tmp_path):
     config = json.loads((other / "config.json").read_text())
     config["code_length"] = 16
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(exported.RunFormatError, match="database_codes.packed.npy: expected uint8 of shape"):
+    with pytest.raises(run_reader.RunFormatError, match="database_codes.packed.npy: expected uint8 of shape"):
         evaluate.evaluate_run(other)
 
 

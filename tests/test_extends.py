@@ -14,10 +14,16 @@ import pytest
 from PIL import Image
 
 from dihn_dist import prepare as prepare_module
-from dihn_dist.betonwriter import read_back
-from dihn_dist.data import (PREFIX_FILES, DatabaseRecord, check_database_prefix, database_prefix_problem,
-                            eval_batches, load_prepared)
-from dihn_dist.formats import RUN_FORMAT
+from dihn_dist.common.formats import RUN_FORMAT
+from dihn_dist.data.loader import eval_batches
+from dihn_dist.data.prepared import (
+    PREFIX_FILES,
+    DatabaseRecord,
+    check_database_prefix,
+    database_prefix_problem,
+    load_prepared,
+)
+from dihn_dist.data.writer import read_back
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 

@@ -16,15 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN_ARGS as TINY
+from conftest import copy_run
 from PIL import Image
 
-from conftest import TINY_TRAIN_ARGS as TINY, copy_run
-from dihn_dist import betonwriter, dist, train
 from dihn_dist import prepare as prepare_module
-from dihn_dist.data import load_prepared, verify_prepared
-from dihn_dist.datasets import FileImages
-from dihn_dist.errors import run_command
-from dihn_dist.formats import RUN_FORMAT
+from dihn_dist import train
+from dihn_dist.common.errors import run_command
+from dihn_dist.common.formats import RUN_FORMAT
+from dihn_dist.data import writer as beton_writer
+from dihn_dist.data.prepared import load_prepared, verify_prepared
+from dihn_dist.data.sources import FileImages
+from dihn_dist.distributed import machine
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 
@@ -305,7 +308,7 @@ def test_a_stuck_worker_ends_prepare(tmp_path, capsys, monkeypatch):
         return load(self, index)
 
     monkeypatch.setattr(FileImages, "load", stuck_load)
-    monkeypatch.setattr(betonwriter, "WORKER_STALL_SECONDS", 2.0)
+    monkeypatch.setattr(beton_writer, "WORKER_STALL_SECONDS", 2.0)
     out = tmp_path / "out"
     start = time.monotonic()
     code, message = prepare_cli(capsys, *source["options"], "--out", out)
@@ -426,7 +429,7 @@ def test_corrected_command_runs_after_a_failed_start(finished_run, tiny_prepared
 
 
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
-    from dihn_dist.config import parse_config
+    from dihn_dist.training.config import parse_config
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1e-3\nmax_iter: 3\nstage: [original, retrain]\n")
     config = parse_config(["--config", str(path)])
@@ -492,9 +495,9 @@ def test_device_index_that_is_not_the_local_rank_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(ValueError, match=r"--device cuda:1: under torchrun each process uses its own GPU"):
-        dist.select_device("cuda:1", local_rank=0, local_world_size=2)
-    assert dist.select_device("cuda", local_rank=1, local_world_size=2) == torch.device("cuda", 1)
-    assert dist.select_device("cuda:3", local_rank=0, local_world_size=1) == torch.device("cuda", 3)
+        machine.select_device("cuda:1", local_rank=0, local_world_size=2)
+    assert machine.select_device("cuda", local_rank=1, local_world_size=2) == torch.device("cuda", 1)
+    assert machine.select_device("cuda:3", local_rank=0, local_world_size=1) == torch.device("cuda", 3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -516,7 +519,7 @@ def test_one_more_stage_keeps_the_other_rows(tiny_prepared, tmp_path):
 
 
 def test_hint_on_a_copied_run_repairs_the_copy_only(finished_run, tmp_path):
-    from dihn_dist.exported import load_run, load_stage
+    from dihn_dist.training.run_reader import load_run, load_stage
     copy = copy_run(finished_run, tmp_path / "moved" / "run")
     original_before = checksums(finished_run)
     (copy / "retrain" / "result.json").unlink()

@@ -1,4 +1,4 @@
-"""The factorized hash term (dihn_dist.hashing: label_patterns, hash_term_stats, factorized_hash_loss)
+"""The factorized hash term (dihn_dist.method.hashing: label_patterns, hash_term_stats, factorized_hash_loss)
 against the dense batch x database oracle pairwise_hash_loss(outputs, B, S, c), in float64.
 
 The oracle builds S in float64: similarity(..., r) returns float32, whose -(1+2r) is rounded to about
@@ -7,7 +7,7 @@ The oracle builds S in float64: similarity(..., r) returns float32, whose -(1+2r
 import pytest
 import torch
 
-from dihn_dist import hashing as H
+from dihn_dist.method import hashing as H
 
 RTOL = 1e-9
 

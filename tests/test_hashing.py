@@ -1,4 +1,4 @@
-"""dihn_dist.hashing against slow, obviously correct loops and dense formulas (docs/method.md).
+"""dihn_dist.method.hashing against slow, obviously correct loops and dense formulas (docs/method.md).
 
 Most DCC problems use small integer-valued U and dyadic r so that every sum is exact in float32: the
 fast sweep and the naive reference must then agree bit for bit, including the sgn(0) cases.
@@ -6,7 +6,8 @@ fast sweep and the naive reference must then agree bit for bit, including the sg
 import pytest
 import torch
 
-from dihn_dist import hashing as H
+from dihn_dist.method import dcc
+from dihn_dist.method import hashing as H
 
 
 def gen(seed):
@@ -297,26 +298,26 @@ def test_losses_are_differentiable():
 def test_sign_keep():
     values = torch.tensor([2.0, -0.5, 0.0, 0.0, -0.0])
     previous = torch.tensor([-1, 1, 1, -1, 1], dtype=torch.int8)
-    assert H.sign_keep(values, previous).tolist() == [1.0, -1.0, 1.0, -1.0, 1.0]
+    assert dcc.sign_keep(values, previous).tolist() == [1.0, -1.0, 1.0, -1.0, 1.0]
 
 
 @pytest.mark.parametrize("r", [None, 0.5])
 @pytest.mark.parametrize("multi", [False, True])
 def test_dcc_linear_term_matches_loops(r, multi):
     B, U, sl, dl, pos = make_problem(11, multi=multi)
-    P = H.dcc_linear_term(U, sl, dl, pos, gamma=2.5, r=r, block_rows=3)
+    P = dcc.dcc_linear_term(U, sl, dl, pos, gamma=2.5, r=r, block_rows=3)
     assert torch.equal(P, dense_linear_term(U, sl, dl, pos, 2.5, r).float())
 
 
 def test_dcc_objective_equals_full_objective_up_to_a_constant():
     _, U, sl, dl, pos = make_problem(12, n=10, m=6, c=4, integer=False)
     gamma, r = 3.0, 0.25
-    P = H.dcc_linear_term(U, sl, dl, pos, gamma, r).double()
+    P = dcc.dcc_linear_term(U, sl, dl, pos, gamma, r).double()
     g = gen(13)
     offsets = []
     for _ in range(4):
         B = codes(10, 4, g)
-        ours = float(H.dcc_objective(B.double(), U.double(), P))
+        ours = float(dcc.dcc_objective(B.double(), U.double(), P))
         offsets.append(full_objective(B, U, sl, dl, pos, gamma, r) - ours)
     assert max(offsets) - min(offsets) < 1e-6 * max(1.0, abs(offsets[0]))
 
@@ -327,7 +328,7 @@ def test_dcc_objective_equals_full_objective_up_to_a_constant():
 def test_solve_dcc_equals_naive_reference(multi, r, seed):
     B, U, sl, dl, pos = make_problem(20 + seed, multi=multi)
     expected = reference_dcc(B, U, sl, dl, pos, 4.0, r)
-    got = H.solve_dcc(B, U, sl, dl, pos, 4.0, r)
+    got = dcc.solve_dcc(B, U, sl, dl, pos, 4.0, r)
     assert torch.equal(got.double(), expected)
 
 
@@ -335,7 +336,7 @@ def test_solve_dcc_tanh_outputs_agree_with_reference():
     B, U, sl, dl, pos = make_problem(30, n=60, m=20, c=8, multi=True, integer=False)
     r = H.soft_similarity_offset(sl, dl)
     expected = reference_dcc(B, U, sl, dl, pos, 200.0, r)
-    got = H.solve_dcc(B, U, sl, dl, pos, 200.0, r)
+    got = dcc.solve_dcc(B, U, sl, dl, pos, 200.0, r)
     assert torch.equal(got.double(), expected)
 
 
@@ -343,48 +344,48 @@ def test_solve_dcc_tanh_outputs_agree_with_reference():
 def test_each_bit_update_never_increases_the_objective(multi):
     B, U, sl, dl, pos = make_problem(40, n=30, m=10, c=8, multi=multi, integer=False)
     gamma, r = 5.0, 0.2
-    P = H.dcc_linear_term(U, sl, dl, pos, gamma, r).double()
+    P = dcc.dcc_linear_term(U, sl, dl, pos, gamma, r).double()
     Ud = U.double()
     current = B.double().clone()
     gram = Ud.T @ Ud
     before = full_objective(current, U, sl, dl, pos, gamma, r)
-    assert float(H.dcc_objective(current, Ud, P)) < before  # (the constant is positive here)
+    assert float(dcc.dcc_objective(current, Ud, P)) < before  # (the constant is positive here)
     for k in range(B.shape[1]):
         others = sum(current[:, j] * gram[j, k] for j in range(B.shape[1]) if j != k)
-        previous_objective = float(H.dcc_objective(current, Ud, P))
-        current[:, k] = H.sign_keep(P[:, k] - others, current[:, k])
-        after = float(H.dcc_objective(current, Ud, P))
+        previous_objective = float(dcc.dcc_objective(current, Ud, P))
+        current[:, k] = dcc.sign_keep(P[:, k] - others, current[:, k])
+        after = float(dcc.dcc_objective(current, Ud, P))
         assert after <= previous_objective + 1e-9 * abs(previous_objective)
         full_after = full_objective(current, U, sl, dl, pos, gamma, r)
         assert full_after <= before + 1e-9 * abs(before)
         before = full_after
-    assert torch.equal(H.solve_dcc(B, U, sl, dl, pos, gamma, r).double(), current)
+    assert torch.equal(dcc.solve_dcc(B, U, sl, dl, pos, gamma, r).double(), current)
 
 
 @pytest.mark.parametrize("r", [None, 0.25])
 def test_blocked_factorized_and_dense_paths_agree(r):
     B, U, sl, dl, pos = make_problem(50, n=70, m=25, c=7, L=6)
     expected = reference_dcc(B, U, sl, dl, pos, 3.0, r)
-    factorized = H.solve_dcc(B, U, sl, dl, pos, 3.0, r, factorize=True)
+    factorized = dcc.solve_dcc(B, U, sl, dl, pos, 3.0, r, factorize=True)
     assert torch.equal(factorized.double(), expected)
     for block_rows in (1, 2, 5, 16384):
-        blocked = H.solve_dcc(B, U, sl, dl, pos, 3.0, r, block_rows=block_rows, factorize=False)
+        blocked = dcc.solve_dcc(B, U, sl, dl, pos, 3.0, r, block_rows=block_rows, factorize=False)
         assert torch.equal(blocked, factorized)
     B, U, sl, dl, pos = make_problem(51, n=70, m=25, c=7, L=6, multi=True)
     expected = reference_dcc(B, U, sl, dl, pos, 3.0, r)
     for block_rows in (1, 2, 5, 16384):
-        assert torch.equal(H.solve_dcc(B, U, sl, dl, pos, 3.0, r, block_rows=block_rows).double(), expected)
+        assert torch.equal(dcc.solve_dcc(B, U, sl, dl, pos, 3.0, r, block_rows=block_rows).double(), expected)
 
 
 def test_sample_pos_minus_one_is_outside_the_part():
     B, U, sl, dl, pos = make_problem(61, n=20, m=8, c=5)
     all_outside = torch.full_like(pos, -1)
     expected = reference_dcc(B, U, sl, dl, all_outside, 10.0, None)
-    assert torch.equal(H.solve_dcc(B, U, sl, dl, all_outside, 10.0).double(), expected)
+    assert torch.equal(dcc.solve_dcc(B, U, sl, dl, all_outside, 10.0).double(), expected)
     # gamma only matters through the sampled items that are inside
-    assert torch.equal(H.solve_dcc(B, U, sl, dl, all_outside, 10.0), H.solve_dcc(B, U, sl, dl, all_outside, 0.0))
+    assert torch.equal(dcc.solve_dcc(B, U, sl, dl, all_outside, 10.0), dcc.solve_dcc(B, U, sl, dl, all_outside, 0.0))
     # Ubar: U's rows added at the positions of the sampled items that are inside, nowhere else
-    inside = H.dcc_linear_term(U, sl, dl, pos, 10.0) - H.dcc_linear_term(U, sl, dl, pos, 0.0)
+    inside = dcc.dcc_linear_term(U, sl, dl, pos, 10.0) - dcc.dcc_linear_term(U, sl, dl, pos, 0.0)
     expected_ubar = torch.zeros(20, 5)
     for i, p in enumerate(pos.tolist()):
         if p >= 0:
@@ -397,12 +398,12 @@ def test_zero_update_keeps_the_previous_bit():
     B, U, sl, dl, pos = make_problem(70, n=30, m=10, c=6)
     U = U.clone()
     U[:, 2] = 0  # bit 2: P[:, 2] = 0 and U_{-2}^T u_2 = 0, so every update of bit 2 is exactly 0
-    got = H.solve_dcc(B, U, sl, dl, pos, 2.0, 0.5)
+    got = dcc.solve_dcc(B, U, sl, dl, pos, 2.0, 0.5)
     assert torch.equal(got[:, 2], B[:, 2])
     assert torch.equal(got.double(), reference_dcc(B, U, sl, dl, pos, 2.0, 0.5))
     assert not torch.equal(got, B)  # the other bits did move
     # all-zero U: nothing moves, and no 0 bit appears
-    zero = H.solve_dcc(B, torch.zeros_like(U), sl, dl, pos, 2.0)
+    zero = dcc.solve_dcc(B, torch.zeros_like(U), sl, dl, pos, 2.0)
     assert torch.equal(zero, B)
 
 
@@ -411,7 +412,7 @@ def test_solve_dcc_code_dtypes_and_inputs_untouched(dtype):
     B, U, sl, dl, pos = make_problem(80, multi=True)
     B = B.to(dtype)
     saved = [t.clone() for t in (B, U, sl, dl, pos)]
-    got = H.solve_dcc(B, U, sl, dl, pos, 1.5, 0.5)
+    got = dcc.solve_dcc(B, U, sl, dl, pos, 1.5, 0.5)
     for before, after in zip(saved, (B, U, sl, dl, pos)):
         assert torch.equal(before, after)
     assert got.dtype == dtype and got.shape == B.shape and got.device == B.device
@@ -422,8 +423,8 @@ def test_solve_dcc_code_dtypes_and_inputs_untouched(dtype):
 
 def test_solve_dcc_accepts_double_outputs_and_label_dtypes():
     B, U, sl, dl, pos = make_problem(81)
-    base = H.solve_dcc(B, U, sl, dl, pos, 1.0, 0.5)
-    assert torch.equal(H.solve_dcc(B, U.double(), sl.bool(), dl.float(), pos.int(), 1.0, 0.5), base)
+    base = dcc.solve_dcc(B, U, sl, dl, pos, 1.0, 0.5)
+    assert torch.equal(dcc.solve_dcc(B, U.double(), sl.bool(), dl.float(), pos.int(), 1.0, 0.5), base)
 
 
 def test_solve_dcc_validation_errors():
@@ -431,7 +432,7 @@ def test_solve_dcc_validation_errors():
     ok = dict(B=B, U=U, sample_labels=sl, db_labels=dl, sample_pos=pos, gamma=1.0)
 
     def call(**changes):
-        return H.solve_dcc(**{**ok, **changes})
+        return dcc.solve_dcc(**{**ok, **changes})
 
     cases = [
         ("B", dict(B=B * 2)),
@@ -463,13 +464,13 @@ def test_solve_dcc_on_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
     B, U, sl, dl, pos = make_problem(100, n=500, m=64, c=16, multi=True)
-    expected = H.solve_dcc(B, U, sl, dl, pos, 3.0, 0.5)
-    got = H.solve_dcc(B.cuda(), U.cuda(), sl.cuda(), dl.cuda(), pos.cuda(), 3.0, 0.5)
+    expected = dcc.solve_dcc(B, U, sl, dl, pos, 3.0, 0.5)
+    got = dcc.solve_dcc(B.cuda(), U.cuda(), sl.cuda(), dl.cuda(), pos.cuda(), 3.0, 0.5)
     assert got.device.type == "cuda"
     assert torch.equal(got.cpu(), expected)
     B, U, sl, dl, pos = make_problem(101, n=500, m=64, c=16)
-    got = H.solve_dcc(B.cuda(), U.cuda(), sl.cuda(), dl.cuda(), pos.cuda(), 3.0, None)
-    assert torch.equal(got.cpu(), H.solve_dcc(B, U, sl, dl, pos, 3.0, None))
+    got = dcc.solve_dcc(B.cuda(), U.cuda(), sl.cuda(), dl.cuda(), pos.cuda(), 3.0, None)
+    assert torch.equal(got.cpu(), dcc.solve_dcc(B, U, sl, dl, pos, 3.0, None))
 
 
 def test_label_patterns_by_int64_keys_equal_torch_unique_rows():
@@ -491,4 +492,4 @@ def test_kept_database_patterns_give_the_same_offset_and_codes():
     B = codes(300, 8, g)
     U = torch.tanh(torch.randn(40, 8, generator=g))
     args = (B, U, db_labels[sample], db_labels, sample, 5.0, r)
-    assert torch.equal(H.solve_dcc(*args), H.solve_dcc(*args, db_patterns=kept))
+    assert torch.equal(dcc.solve_dcc(*args), dcc.solve_dcc(*args, db_patterns=kept))

@@ -1,4 +1,4 @@
-"""dihn_dist.metrics against slow loops and hand-computed cases (docs/method.md, the retrieval metric).
+"""dihn_dist.method.metrics against slow loops and hand-computed cases (docs/method.md, the retrieval metric).
 
 Both ranking back ends (numpy on CPU by default, torch = the CUDA code path) are checked everywhere.
 """
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dihn_dist import metrics as M
+from dihn_dist.method import metrics as M
 
 
 @pytest.fixture(params=["numpy", "torch"])

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_TRAIN_ARGS as TINY
+
 from dihn_dist import train
-from dihn_dist.models import MixedPrecision, SmallCNN, use_channels_last
+from dihn_dist.models.networks import MixedPrecision, SmallCNN, use_channels_last
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 

@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 
 from dihn_dist import prepare as prepare_module
-from dihn_dist.data import eval_batches, load_prepared
-from dihn_dist.datasets import FASHION_MNIST_ROOT, load_fashion_mnist
-from dihn_dist.formats import PREPARED_V1_FILES, RUN_FORMAT, file_fingerprint, folder_kind
-from dihn_dist.prepare import parse_args, prepare
+from dihn_dist.common.formats import PREPARED_V1_FILES, RUN_FORMAT, file_fingerprint, folder_kind
+from dihn_dist.data.loader import eval_batches
+from dihn_dist.data.prepare import prepare
+from dihn_dist.data.prepared import load_prepared
+from dihn_dist.data.sources import FASHION_MNIST_ROOT, load_fashion_mnist
+from dihn_dist.prepare import parse_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 

@@ -1,11 +1,13 @@
 """python -m dihn_dist.retrieve on a tiny finished run: ranking, labels, contact sheet, image-file queries."""
 import numpy as np
 import pytest
+from conftest import copy_run
 from PIL import Image
 
-from dihn_dist import exported, retrieve
-from dihn_dist.data import eval_batches, load_prepared
-from conftest import copy_run
+from dihn_dist.data.loader import eval_batches
+from dihn_dist.data.prepared import load_prepared
+from dihn_dist.serving import retrieve
+from dihn_dist.training import run_reader
 
 # FFCV's discarded loaders print harmless numba finalizer KeyErrors (FFCV 1.0.2 with numba).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -32,7 +34,7 @@ def expected_ranking(codes: np.ndarray, query_code: np.ndarray) -> np.ndarray:
 
 
 def test_results_sorted_by_hamming_distance_with_their_labels(run, result):
-    loaded = exported.load_run(run)
+    loaded = run_reader.load_run(run)
     stage = loaded.stage("incremental")
     assert result.matches_exported  # the model re-encodes the query exactly as at export
     assert np.array_equal(result.query_code, stage.query_codes[QUERY])
@@ -70,7 +72,7 @@ def test_contact_sheet_frames_show_relevance(result):
 
 def test_image_file_query_is_encoded_like_the_query_set(run, tiny_prepared, tmp_path, capsys):
     data = load_prepared(tiny_prepared)
-    resolution = retrieve.model_resolution(exported.load_run(run), data)
+    resolution = retrieve.model_resolution(run_reader.load_run(run), data)
     images, _, _ = next(iter(eval_batches(data, "query", batch_size=1, resolution=resolution, device="cpu",
                                           num_workers=1, indices=np.array([QUERY]))))
     path = tmp_path / "query.png"
@@ -91,7 +93,7 @@ def test_image_file_query_is_encoded_like_the_query_set(run, tiny_prepared, tmp_
 
 
 def test_original_stage_ranks_the_original_database_only(run):
-    loaded = exported.load_run(run)
+    loaded = run_reader.load_run(run)
     original = retrieve.retrieve(run, QUERY, stage="original", topk=loaded.num_original + 50, write_sheet=False)
     assert len(original.items) == loaded.num_original
     assert sorted(item.index for item in original.items) == list(range(loaded.num_original))
@@ -124,7 +126,7 @@ def test_unknown_query_label(run, tmp_path):
 def test_unfinished_stage_and_missing_data(run, tmp_path):
     partial = copy_run(run, tmp_path / "run")
     (partial / "retrain" / "result.json").unlink()
-    with pytest.raises(exported.IncompleteRunError, match="stage 'retrain' has not finished.*--stage retrain"):
+    with pytest.raises(run_reader.IncompleteRunError, match="stage 'retrain' has not finished.*--stage retrain"):
         retrieve.retrieve(partial, QUERY, stage="retrain", write_sheet=False)
     with pytest.raises(FileNotFoundError, match="pass --data DIR"):
         retrieve.retrieve(partial, QUERY, data_dir=str(tmp_path / "moved"), write_sheet=False)

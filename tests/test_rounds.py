@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CHAIN_CLASSES as ROUNDS
+from conftest import CHAIN_TRAIN_ARGS as TRAIN
 
-from conftest import CHAIN_CLASSES as ROUNDS, CHAIN_TRAIN_ARGS as TRAIN
 from dihn_dist import train
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers

@@ -11,9 +11,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import CHAIN_CLASSES, CHAIN_TRAIN_ARGS, assert_plots_decode, copy_run
-from dihn_dist import evaluate, exported, metrics, rounds, train
+
+from dihn_dist import train
+from dihn_dist.method import metrics
+from dihn_dist.reports import evaluate, rounds
+from dihn_dist.training import run_reader
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # numba finalizers
 
@@ -57,7 +60,7 @@ def test_queries_are_split_by_the_round_of_their_class(chain, report):
         if round_["round"] > 1:
             assert splits[-1]["map_topk"] == pytest.approx(round_["series"]["dihn"]["map_incremental_queries"])
     # recomputed by hand: round 3's DIHN codes, the queries of classes 4-5 (round 2's)
-    run = exported.load_run(chain["runs"][2])
+    run = run_reader.load_run(chain["runs"][2])
     stage = run.stage("incremental")
     of_round_two = run.query_labels[:, 4:6].any(axis=1)
     aps = metrics.average_precisions(torch.from_numpy(stage.query_codes), torch.from_numpy(stage.database_codes),

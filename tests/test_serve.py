@@ -14,8 +14,8 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from dihn_dist import export, retrieve, serve  # noqa: E402
-from dihn_dist.exported import load_run  # noqa: E402
+from dihn_dist.serving import export, faiss_index, retrieve
+from dihn_dist.training.run_reader import load_run
 
 # FFCV's discarded loaders print harmless numba finalizer KeyErrors (FFCV 1.0.2 with numba).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -107,10 +107,10 @@ def assert_same_up_to_ties(distances, rows, expected_distances, expected_rows):
 
 
 def faiss_top_k(path: Path, queries: np.ndarray, k: int, exhaustive: bool = False):
-    served = serve.load_index(path)
+    served = faiss_index.load_index(path)
     if exhaustive and served.kind == "ivf":
         served.index.nprobe = served.index.nlist  # every list: exact, so equal up to ties
-    return serve.search(served.index, serve.pack_codes(queries), k)
+    return faiss_index.search(served.index, faiss_index.pack_codes(queries), k)
 
 
 def refused(capsys, argv, *fragments, main=export.main) -> str:
@@ -127,79 +127,79 @@ def refused(capsys, argv, *fragments, main=export.main) -> str:
 # Bits, ids, files
 
 def test_index_holds_the_exported_packed_rows_and_distances_are_hamming(final_codes):
-    packed = serve.pack_codes(final_codes)
+    packed = faiss_index.pack_codes(final_codes)
     assert np.array_equal(packed, np.packbits(final_codes > 0, axis=1))
-    index = serve.build_index(packed, "flat", CODE_LENGTH)
+    index = faiss_index.build_index(packed, "flat", CODE_LENGTH)
     assert index.d == 32 and index.code_size == 4                  # 12 bits -> FAISS's 4-byte kernel
-    rows = serve.stored_rows(index)
+    rows = faiss_index.stored_rows(index)
     assert np.array_equal(rows[:, :2], packed) and not rows[:, 2:].any()  # the bytes as given, then zeros
     queries = final_codes[:30]
-    padded_queries = serve.to_index_rows(serve.pack_codes(queries), CODE_LENGTH)
+    padded_queries = faiss_index.to_index_rows(faiss_index.pack_codes(queries), CODE_LENGTH)
     distances, rows = index.search(padded_queries, final_codes.shape[0])
     hamming = (CODE_LENGTH - queries.astype(np.int64) @ final_codes.astype(np.int64).T) // 2
     assert np.array_equal(distances, np.take_along_axis(hamming, rows, axis=1))  # padding bits add nothing
 
 
 def test_index_rows_take_faiss_fast_sizes():
-    sizes = {c: serve.index_bytes(c) for c in (8, 12, 32, 33, 48, 64, 65, 128, 130, 256, 512, 520)}
+    sizes = {c: faiss_index.index_bytes(c) for c in (8, 12, 32, 33, 48, 64, 65, 128, 130, 256, 512, 520)}
     assert sizes == {8: 4, 12: 4, 32: 4, 33: 8, 48: 8, 64: 8, 65: 16, 128: 16, 130: 20, 256: 32, 512: 64, 520: 72}
 
 
 def test_an_index_with_bits_beyond_the_code_is_refused(final_codes, tmp_path):
-    packed = serve.pack_codes(final_codes)
-    index = serve.build_index(packed, "flat", CODE_LENGTH)
-    rows = serve.to_index_rows(packed, CODE_LENGTH)
+    packed = faiss_index.pack_codes(final_codes)
+    index = faiss_index.build_index(packed, "flat", CODE_LENGTH)
+    rows = faiss_index.to_index_rows(packed, CODE_LENGTH)
     rows[3, 1] |= 1                                                  # bit 15 of a 12-bit code
     index.reset()
     index.add(rows)
     path = tmp_path / "odd.index"
-    serve.write_index(index, path, serve.make_sidecar(index, CODE_LENGTH, serve.codes_sha256(packed, CODE_LENGTH),
+    faiss_index.write_index(index, path, faiss_index.make_sidecar(index, CODE_LENGTH, faiss_index.codes_sha256(packed, CODE_LENGTH),
                                                      tmp_path, "incremental", []))
-    with pytest.raises(serve.IndexMismatchError, match="non-zero bits beyond the 12 code bits"):
-        serve.load_index(path)
+    with pytest.raises(faiss_index.IndexMismatchError, match="non-zero bits beyond the 12 code bits"):
+        faiss_index.load_index(path)
 
 
 def test_faiss_own_bit_helpers_read_bits_in_the_other_order(final_codes):
     """FAISS's fvecs2bitvecs/bitvecs2fvecs put bit j at bit j % 8 of its byte; numpy.packbits (our format)
     at bit 7 - j % 8. Decoding an index row with FAISS's helper reverses the bits of every byte."""
-    packed = serve.pack_codes(final_codes[:5])
-    bits = serve.index_bits(CODE_LENGTH)
+    packed = faiss_index.pack_codes(final_codes[:5])
+    bits = faiss_index.index_bits(CODE_LENGTH)
     decoded = np.zeros((5, bits), dtype=np.float32)
-    faiss.bitvecs2fvecs(faiss.swig_ptr(serve.to_index_rows(packed, CODE_LENGTH)), faiss.swig_ptr(decoded), bits, 5)
+    faiss.bitvecs2fvecs(faiss.swig_ptr(faiss_index.to_index_rows(packed, CODE_LENGTH)), faiss.swig_ptr(decoded), bits, 5)
     reversed_within_bytes = [8 * (j // 8) + 7 - j % 8 for j in range(bits)]
-    rows = serve.to_index_rows(packed, CODE_LENGTH)
+    rows = faiss_index.to_index_rows(packed, CODE_LENGTH)
     padded = np.unpackbits(rows, axis=1).astype(np.float32) * 2 - 1
     assert np.array_equal(decoded, padded[:, reversed_within_bytes])
     assert np.array_equal(np.packbits(decoded > 0, axis=1, bitorder="little"), rows)
 
 
-@pytest.mark.parametrize("kind", serve.INDEX_KINDS)
+@pytest.mark.parametrize("kind", faiss_index.INDEX_KINDS)
 def test_export_writes_index_and_sidecar(rounds, tmp_path, kind, capsys):
     run = rounds[-1]
     path = tmp_path / f"{kind}.index"
     assert export.main([str(run), "--faiss", str(path), "--index", kind]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {path}" in printed and f"{serve.FAISS_CLASSES[kind]}, 500 rows x 12 bits" in printed
-    sidecar = json.loads(serve.sidecar_path(path).read_text())
+    assert f"wrote {path}" in printed and f"{faiss_index.FAISS_CLASSES[kind]}, 500 rows x 12 bits" in printed
+    sidecar = json.loads(faiss_index.sidecar_path(path).read_text())
     codes = stage_codes(run)
     import hashlib
     assert sidecar["codes_sha256"] == hashlib.sha256(codes.tobytes()).hexdigest()
     assert {k: sidecar[k] for k in ("format", "index", "faiss_class", "code_length", "index_bits", "num_rows",
                                     "id_to_database_row", "run", "stage")} == {
-        "format": "dihn_dist.faiss_index", "index": kind, "faiss_class": serve.FAISS_CLASSES[kind],
+        "format": "dihn_dist.faiss_index", "index": kind, "faiss_class": faiss_index.FAISS_CLASSES[kind],
         "code_length": 12, "index_bits": 32, "num_rows": 500, "id_to_database_row": "identity",
         "run": str(run.resolve()), "stage": "incremental"}
     assert sidecar["rounds"] == [{"run": str(run.resolve()), "stage": "incremental", "rows": [0, 500],
                                   "codes_sha256": sidecar["codes_sha256"]}]
-    served = serve.load_index(path)
-    assert np.array_equal(served.codes, serve.pack_codes(codes))    # FAISS id i = database row i
+    served = faiss_index.load_index(path)
+    assert np.array_equal(served.codes, faiss_index.pack_codes(codes))    # FAISS id i = database row i
     assert not list(tmp_path.glob(".*.tmp")), "a temp file was left behind"
     if kind == "ivf":
-        nlist = serve.ivf_nlist(500)
-        assert sidecar["search_settings"] == {"nlist": nlist, "nprobe": serve.ivf_nprobe(nlist)}
-        assert served.index.nprobe == serve.ivf_nprobe(nlist)         # stored in the index file
+        nlist = faiss_index.ivf_nlist(500)
+        assert sidecar["search_settings"] == {"nlist": nlist, "nprobe": faiss_index.ivf_nprobe(nlist)}
+        assert served.index.nprobe == faiss_index.ivf_nprobe(nlist)         # stored in the index file
     if kind == "hnsw":
-        assert served.index.hnsw.efSearch == serve.HNSW_EF_SEARCH
+        assert served.index.hnsw.efSearch == faiss_index.HNSW_EF_SEARCH
 
 
 def test_default_stage_is_incremental_else_original(rounds, tmp_path):
@@ -210,7 +210,7 @@ def test_default_stage_is_incremental_else_original(rounds, tmp_path):
     assert (original["stage"], original["num_rows"]) == ("original", ROUNDS[0])
 
 
-@pytest.mark.parametrize("kind", serve.INDEX_KINDS)
+@pytest.mark.parametrize("kind", faiss_index.INDEX_KINDS)
 def test_faiss_top_k_equals_the_exact_ranking_up_to_ties(rounds, tmp_path, kind):
     run = rounds[-1]
     path = tmp_path / "index"
@@ -223,7 +223,7 @@ def test_faiss_top_k_equals_the_exact_ranking_up_to_ties(rounds, tmp_path, kind)
 # ----------------------------------------------------------------------------------------------------
 # Appending round by round
 
-@pytest.mark.parametrize("kind", serve.INDEX_KINDS)
+@pytest.mark.parametrize("kind", faiss_index.INDEX_KINDS)
 def test_append_over_rounds_equals_a_fresh_index_of_the_final_codes(rounds, tmp_path, kind, capsys):
     paths = [tmp_path / f"round{r}.index" for r in (1, 2, 3)]
     assert export.main([str(rounds[0]), "--faiss", str(paths[0]), "--index", kind]) == 0
@@ -233,7 +233,7 @@ def test_append_over_rounds_equals_a_fresh_index_of_the_final_codes(rounds, tmp_
     assert "appended 80 rows to the 420 of" in printed
     fresh = tmp_path / "fresh.index"
     export.export_index(rounds[-1], fresh, kind=kind)
-    appended, rebuilt = serve.load_index(paths[-1]), serve.load_index(fresh)
+    appended, rebuilt = faiss_index.load_index(paths[-1]), faiss_index.load_index(fresh)
     assert appended.kind == kind
     assert np.array_equal(appended.codes, rebuilt.codes)
     assert appended.sidecar["codes_sha256"] == rebuilt.sidecar["codes_sha256"]
@@ -263,7 +263,7 @@ def flip_bit(run: Path, row: int, bit: int, stage: str = "incremental") -> None:
     np.save(run / stage / "database_codes.packed.npy", np.packbits(codes > 0, axis=1))
 
 
-@pytest.mark.parametrize("kind", serve.INDEX_KINDS)
+@pytest.mark.parametrize("kind", faiss_index.INDEX_KINDS)
 def test_a_changed_b_old_is_refused(rounds, tmp_path, kind, capsys):
     old = tmp_path / "round1.index"
     export.export_index(rounds[0], old, kind=kind)
@@ -273,7 +273,7 @@ def test_a_changed_b_old_is_refused(rounds, tmp_path, kind, capsys):
     refused(capsys, [changed, "--faiss", out, "--append-to", old],
             f"--append-to {old}: row 17 of the index differs from row 17 of {changed} stage incremental",
             "first 300 rows (B_old) bit for bit")
-    assert not out.exists() and not serve.sidecar_path(out).exists()
+    assert not out.exists() and not faiss_index.sidecar_path(out).exists()
     flip_bit(changed, row=310, bit=5)   # a new row may be anything: only B_old is frozen
     flip_bit(changed, row=17, bit=5)
     assert export.main([str(changed), "--faiss", str(out), "--append-to", str(old)]) == 0
@@ -298,21 +298,21 @@ def test_index_and_sidecar_must_describe_each_other(rounds, tmp_path, capsys):
     export.export_index(rounds[0], first)
     export.export_index(rounds[1], second)
     out = tmp_path / "out.index"
-    shutil.copy(serve.sidecar_path(second), serve.sidecar_path(first))  # the sidecar of another index
+    shutil.copy(faiss_index.sidecar_path(second), faiss_index.sidecar_path(first))  # the sidecar of another index
     refused(capsys, [rounds[2], "--faiss", out, "--append-to", first],
             f"{first}.json: describes a flat index of 420 rows of 12-bit codes (d = 32), but first.index is a "
             f"flat index of 300 rows with d = 32")
     changed = shutil.copytree(rounds[1], tmp_path / "changed")
     flip_bit(changed, row=5, bit=0)
     export.export_index(changed, first)                              # same size, other codes
-    shutil.copy(serve.sidecar_path(second), serve.sidecar_path(first))
+    shutil.copy(faiss_index.sidecar_path(second), faiss_index.sidecar_path(first))
     refused(capsys, [rounds[2], "--faiss", out, "--append-to", first],
             f"{first}.json: records codes sha256", "but first.index holds codes with sha256")
     (tmp_path / "broken.index").write_bytes(b"not an index")
-    shutil.copy(serve.sidecar_path(second), tmp_path / "broken.index.json")
+    shutil.copy(faiss_index.sidecar_path(second), tmp_path / "broken.index.json")
     refused(capsys, [rounds[2], "--faiss", out, "--append-to", tmp_path / "broken.index"],
             f"{tmp_path / 'broken.index'}: not a FAISS binary index")
-    serve.sidecar_path(second).unlink()
+    faiss_index.sidecar_path(second).unlink()
     refused(capsys, [rounds[2], "--faiss", out, "--append-to", second], f"{second}.json is missing")
     refused(capsys, [rounds[2], "--faiss", out, "--append-to", tmp_path / "none.index"],
             f"{tmp_path / 'none.index'}: no such index file")
@@ -365,7 +365,7 @@ def test_retrieve_with_faiss_on_a_trained_run(finished_run, tmp_path, capsys):
     assert export.main([str(finished_run), "--faiss", str(round1), "--stage", "original"]) == 0
     assert export.main([str(finished_run), "--faiss", str(round2), "--append-to", str(round1)]) == 0
     capsys.readouterr()
-    sidecar = serve.load_index(round2).sidecar
+    sidecar = faiss_index.load_index(round2).sidecar
     recorded = json.loads((finished_run / "incremental" / "result.json").read_text())
     assert sidecar["codes_sha256"] == recorded["codes_checksum"]   # the trainer's checksum of the same codes
     assert [r["rows"] for r in sidecar["rounds"]] == [[0, run.num_original], [run.num_original, 600]]
@@ -384,5 +384,5 @@ def test_retrieve_with_faiss_on_a_trained_run(finished_run, tmp_path, capsys):
 def test_export_and_serve_import_no_torch():
     """A serving machine needs numpy and faiss only (like exported.py)."""
     import subprocess
-    check = "import sys, dihn_dist.export, dihn_dist.serve; assert 'torch' not in sys.modules, 'torch imported'"
+    check = "import sys, dihn_dist.serving.export, dihn_dist.serving.faiss_index; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -9,11 +9,12 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from conftest import copy_run
-from dihn_dist import metrics, train
-
 from conftest import TINY_TRAIN_ARGS as TINY
+from conftest import copy_run
+
+from dihn_dist import train
+from dihn_dist.method import metrics
+from dihn_dist.training import loop
 
 
 def run_train(data, out, *extra):
@@ -154,7 +155,7 @@ def test_unknown_arch_is_refused(tiny_prepared, tmp_path, capsys):
 
 
 def test_pretrained_file_that_does_not_fit_is_refused(tmp_path):
-    from dihn_dist.models import build_model
+    from dihn_dist.models.networks import build_model
     bogus = tmp_path / "weights.pth"
     torch.save({"conv.weight": torch.zeros(3)}, bogus)
     with pytest.raises(ValueError, match="does not fit --arch alexnet"):
@@ -165,7 +166,8 @@ def test_pretrained_file_that_does_not_fit_is_refused(tmp_path):
 
 def test_pretrained_state_dict_loads(tmp_path):
     import torchvision
-    from dihn_dist.models import build_model
+
+    from dihn_dist.models.networks import build_model
     torch.manual_seed(0)
     source = torchvision.models.alexnet(weights=None)
     path = tmp_path / "alexnet.pth"
@@ -177,7 +179,7 @@ def test_pretrained_state_dict_loads(tmp_path):
 
 def test_non_finite_loss_stops_with_the_iteration_and_keeps_checkpoint(tiny_prepared, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train.hashing.batch_loss
+    real = loop.hashing.batch_loss
 
     def poisoned(*args, **kwargs):
         loss, terms = real(*args, **kwargs)
@@ -186,7 +188,7 @@ def test_non_finite_loss_stops_with_the_iteration_and_keeps_checkpoint(tiny_prep
             loss, terms = loss * float("nan"), {**terms, "hash": terms["hash"] * float("nan")}
         return loss, terms
 
-    monkeypatch.setattr(train.hashing, "batch_loss", poisoned)
+    monkeypatch.setattr(loop.hashing, "batch_loss", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match="iteration 3, .*hash nan"):
         run_train_raising(tiny_prepared, out, "--max-iter", "3", "--stage", "original")
@@ -194,7 +196,7 @@ def test_non_finite_loss_stops_with_the_iteration_and_keeps_checkpoint(tiny_prep
 
 
 def test_config_file_with_flag_override(tiny_prepared, tmp_path):
-    from dihn_dist.config import parse_config
+    from dihn_dist.training.config import parse_config
     config_file = tmp_path / "c.json"
     config_file.write_text(json.dumps({"code-length": 24, "max_iter": 7, "arch": "small-cnn"}))
     config = parse_config(["--config", str(config_file), "--max-iter", "9"])
@@ -236,7 +238,8 @@ def test_reference_cli_dataset_and_root_say_how_to_prepare(tmp_path, monkeypatch
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_prepared, tmp_path, monkeypatch):
     import errno
-    from dihn_dist import atomic
+
+    from dihn_dist.common import atomic
     real_fsync = atomic.os.fsync
     writes = {"checkpoints": 0}
 

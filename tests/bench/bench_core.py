@@ -27,10 +27,11 @@ import statistics
 import time
 
 import torch
-
 from benchkit import table
-from dihn_dist import hashing as H
-from dihn_dist import metrics as M
+
+from dihn_dist.method import dcc
+from dihn_dist.method import hashing as H
+from dihn_dist.method import metrics as M
 
 
 def parse_args():
@@ -92,7 +93,7 @@ def bench_dcc_cifar(device, repeats, g):
     U = torch.tanh(torch.randn(m, c, generator=g))
     B = (torch.randint(0, 2, (db_labels.shape[0], c), generator=g) * 2 - 1).float()
     args = [t.to(device) for t in (B, U, sample_labels, db_labels, sample_pos)]
-    ours, t_ours = timed(lambda: H.solve_dcc(*args, gamma, r), device, repeats)
+    ours, t_ours = timed(lambda: dcc.solve_dcc(*args, gamma, r), device, repeats)
     ref, t_ref = timed(lambda: reference_dcc(*args, gamma, r), device)
     identical = torch.equal(ours, ref)
     assert identical, f"DCC outputs differ in {int((ours != ref).sum())} bits"
@@ -142,7 +143,7 @@ def _nus_child(seed, device, repeats, queue):
                     f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
                 base = _status_kib("VmRSS") * 1024
             start = time.perf_counter()
-            out = H.solve_dcc(B, U, sample_labels, db_labels, sample_pos, gamma, r)
+            out = dcc.solve_dcc(B, U, sample_labels, db_labels, sample_pos, gamma, r)
             sync(device)
             times.append(time.perf_counter() - start)
             if torch.device(device).type == "cuda":
@@ -222,10 +223,10 @@ def main():
           f"{os.cpu_count()} CPUs, load average {load:.2f}, metrics CPU back end: {M.CPU_BACKEND}", flush=True)
     rows = []
 
-    dcc = bench_dcc_cifar(args.device, args.repeats, g)
-    rows.append((f"DCC n={dcc['n']:,} m=2,000 c=48 (1 label, soft r)", f"{dcc['t_ours']:.3f} s",
-                 f"{dcc['t_ref']:.2f} s", f"{dcc['t_ref'] / dcc['t_ours']:.0f}x",
-                 f"identical codes ({dcc['changed']:.1%} bits flipped)"))
+    cifar = bench_dcc_cifar(args.device, args.repeats, g)
+    rows.append((f"DCC n={cifar['n']:,} m=2,000 c=48 (1 label, soft r)", f"{cifar['t_ours']:.3f} s",
+                 f"{cifar['t_ref']:.2f} s", f"{cifar['t_ref'] / cifar['t_ours']:.0f}x",
+                 f"identical codes ({cifar['changed']:.1%} bits flipped)"))
     print(rows[-1], flush=True)
 
     if not args.skip_nus:

@@ -66,7 +66,7 @@ def train(processes: int, data: Path, out: Path, args) -> dict:
 def _broadcast_worker(rank: int, port: int, rows: int, bits: int, repeats: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch_dist.init_process_group("gloo", rank=rank, world_size=2)
-    from dihn_dist.dist import pack_codes
+    from dihn_dist.common.codes import pack_codes
     codes = torch.randint(0, 2, (rows, bits)).float() * 2 - 1
     payloads = {"float32": codes, "packed": pack_codes(codes)}
     for name, payload in payloads.items():

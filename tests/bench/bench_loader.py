@@ -66,7 +66,7 @@ class ReferenceImages(torch.utils.data.Dataset):
 
 def source_pixels(data) -> np.ndarray:
     """The database images in database order, straight from the source files (what the reference reads)."""
-    from dihn_dist.datasets import open_dataset
+    from dihn_dist.data.sources import open_dataset
     source = open_dataset(data.dataset, None)
     rows = np.load(data.root / "database_source_index.npy")
     return source.database.images.pixels[rows]
@@ -90,8 +90,9 @@ def ffcv_augmenting_loader(data, args, threads: int, subset):
     from ffcv.fields.ndarray import NDArrayDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.transforms import ToTensor, ToTorchImage
-    from dihn_dist.augment import CROP_RATIO, CROP_SCALE
-    from dihn_dist.data import Normaliser, build_loader, convert_batch
+
+    from dihn_dist.data.loader import Normaliser, build_loader, convert_batch
+    from dihn_dist.models.augment import CROP_RATIO, CROP_SCALE
     decoder = RandomResizedCropRGBImageDecoder((args.resolution, args.resolution), scale=CROP_SCALE, ratio=CROP_RATIO)
     spec = {"image": [decoder, ToTensor(), ToTorchImage()], "labels": [NDArrayDecoder(), ToTensor()],
             "index": [IntDecoder(), ToTensor()]}
@@ -103,9 +104,9 @@ def ffcv_augmenting_loader(data, args, threads: int, subset):
 
 def time_ffcv(data, subset, args, workers: int, trainer_path: bool):
     """trainer_path: what dihn_dist.train runs (loader without augmentation, then the seeded crop + flip of
-    dihn_dist.augment on the device); otherwise FFCV's own random-resized-crop decoder."""
-    from dihn_dist import augment
-    from dihn_dist.data import TrainLoader, batch_schedule
+    dihn_dist.models.augment on the device); otherwise FFCV's own random-resized-crop decoder."""
+    from dihn_dist.data.loader import TrainLoader, batch_schedule
+    from dihn_dist.models import augment
     threads = max(workers, 1)   # FFCV's workers are numba threads; 0 torch workers = 1 thread doing the work
     start = time.perf_counter()
     if trainer_path:
@@ -140,7 +141,7 @@ def time_ffcv(data, subset, args, workers: int, trainer_path: bool):
 
 def main():
     args = parse_args()
-    from dihn_dist.data import load_prepared
+    from dihn_dist.data.prepared import load_prepared
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = args.data
         if data_dir is None:

@@ -59,10 +59,12 @@ import nus_synth  # noqa: E402
 from benchkit import table  # noqa: E402
 from nus_synth import FULL_DATABASE, FULL_QUERY_PER_TAG  # noqa: E402
 
+from dihn_dist.method import dcc
+
 POLL_S = 0.5
 GIB = 2 ** 30
 HASH_SIZES = (60_000, 193_734, 2_000_000)
-COLLECTIVE_TIMEOUT_S = 1800.0   # dihn_dist.config.Config.collective_timeout
+COLLECTIVE_TIMEOUT_S = 1800.0   # dihn_dist.training.config.Config.collective_timeout
 # --small shrinks every size tenfold or more, so that it checks each phase end to end in minutes.
 SMALL = {"database": 2_000, "query_per_tag": 10, "num_samples": 500, "hash_sizes": "6000,19373,200000",
          "solo_rows": 200_000}
@@ -434,12 +436,12 @@ def startup_seconds(run: Path, started_at: float) -> Optional[float]:
 
 
 def rank0_threads(nproc: int) -> int:
-    from dihn_dist.dist import cpu_share
+    from dihn_dist.distributed.machine import cpu_share
     return cpu_share(nproc)
 
 
 def time_checkpoint_write(checkpoint: dict, target: Path, repeats: int) -> Dict[str, float]:
-    from dihn_dist.runfolder import atomic_torch_save
+    from dihn_dist.training.runfolder import atomic_torch_save
     _, seconds = timed(lambda: atomic_torch_save(target, checkpoint), repeats)
     size = target.stat().st_size
     target.unlink()
@@ -450,7 +452,8 @@ def solo_at_run_scale(args, paths: Paths) -> Dict[str, dict]:
     """Per finished stage: mAP@5000 alone and the trainer's whole evaluation row (mAP@ALL, mAP@5000, P@1000)
     on the exported codes, and rewriting the stage's checkpoint, with rank 0's thread count."""
     import torch
-    from dihn_dist import metrics
+
+    from dihn_dist.method import metrics
     labels = {part: np.load(paths.run / f"{part}_labels.npy") for part in ("database", "query")}
     manifest = json.loads((paths.run / "manifest.json").read_text())
     results = {}
@@ -476,8 +479,10 @@ def query_encoding_seconds(args, paths: Paths, stage: str) -> Dict[str, float]:
     FFCV loader (built per evaluation, as dihn_dist.train.encode does) and the stage's network, one loader
     thread; the other ranks encode their shards at the same time, then the codes are gathered."""
     import torch
-    from dihn_dist.data import eval_batches, hide_discarded_loader_noise, load_prepared
-    from dihn_dist.models import build_model, encode_batches
+
+    from dihn_dist.data.loader import eval_batches
+    from dihn_dist.data.prepared import hide_discarded_loader_noise, load_prepared
+    from dihn_dist.models.networks import build_model, encode_batches
     hide_discarded_loader_noise()   # as the trainer does: discarded FFCV loaders print harmless numba KeyErrors
     data = load_prepared(paths.prepared)
     network = build_model(args.arch, 48, "none")
@@ -509,7 +514,8 @@ def _solo_at_rows_child(rows: int, seed: int, threads: int, checkpoint_path: Opt
     rows (random codes, outputs and query codes; m = 2,000; 2,100 queries)."""
     try:
         import torch
-        from dihn_dist import hashing, metrics
+
+        from dihn_dist.method import hashing, metrics
         torch.set_num_threads(threads)
         generator = torch.Generator().manual_seed(seed)
         labels = synthetic_labels(rows, seed)
@@ -517,7 +523,7 @@ def _solo_at_rows_child(rows: int, seed: int, threads: int, checkpoint_path: Opt
         sample = torch.randperm(rows, generator=generator)[:2000]
         outputs = torch.tanh(torch.randn(2000, 48, generator=generator))
         r, r_s = timed(lambda: hashing.soft_similarity_offset(labels[sample], labels))
-        _, dcc_s = timed(lambda: hashing.solve_dcc(codes, outputs, labels[sample], labels, sample, 200.0, r))
+        _, dcc_s = timed(lambda: dcc.solve_dcc(codes, outputs, labels[sample], labels, sample, 200.0, r))
         query_labels = synthetic_labels(2100, seed + 1)
         query_codes = random_codes(2100, 48, generator).to(torch.int8)
         db_codes = codes.to(torch.int8)
@@ -592,7 +598,8 @@ def step_seconds(step: Callable, repeats: int) -> float:
 def _hash_term_child(rows: int, batch: int, seed: int, threads: int, repeats: int, dense_limit: int, queue) -> None:
     try:
         import torch
-        from dihn_dist import hashing
+
+        from dihn_dist.method import hashing
         torch.set_num_threads(threads)
         generator = torch.Generator().manual_seed(seed)
         labels = synthetic_labels(rows, seed).to(torch.float32)
@@ -749,7 +756,7 @@ def iteration_rows(state: State, run: Path) -> List[tuple]:
 
 def in_stage_order(stages: dict) -> dict:
     """metrics.json keeps its keys sorted; the table follows the order the stages run in."""
-    from dihn_dist.formats import STAGES
+    from dihn_dist.common.formats import STAGES
     return {name: stages[name] for name in sorted(stages, key=STAGES.index)}
 
 
@@ -823,10 +830,10 @@ def solo_rows(state: State, dcc_history: Dict[str, List[float]]) -> List[tuple]:
     section = "rank 0 solo"
     rows = []
     for stage, values in solo.get("run", {}).items():
-        dcc = max(dcc_history.get(stage, [0.0]))   # the slower iteration: the longer wait
-        total = dcc + values["row_s"] + values["checkpoint_s"]
+        dcc_s = max(dcc_history.get(stage, [0.0]))   # the slower iteration: the longer wait
+        total = dcc_s + values["row_s"] + values["checkpoint_s"]
         rows.append((section, f"stage {stage}, {values['rows']:,} rows: DCC + evaluation row + checkpoint s",
-                     f"{dcc:.2f} + {values['row_s']:.2f} + {values['checkpoint_s']:.2f} = {total:.2f}",
+                     f"{dcc_s:.2f} + {values['row_s']:.2f} + {values['checkpoint_s']:.2f} = {total:.2f}",
                      f"{total / COLLECTIVE_TIMEOUT_S:.2%} of --collective-timeout {COLLECTIVE_TIMEOUT_S:.0f} s "
                      f"(mAP@5000 alone {values['map_s']:.2f} s; checkpoint {values['checkpoint_bytes'] / 1e6:.1f} MB)"))
     synthetic = solo.get("synthetic")

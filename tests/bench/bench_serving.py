@@ -16,11 +16,11 @@ pool over chunks of queries as metrics.py does):
                           it, sorted by distance (the same result, asserted)
   retrieve (torch)        retrieve.rank_database, what retrieve ranks with without --faiss: the int8 codes'
                           inner products (torch) and a stable argsort; single queries only
-  FAISS flat / ivf / hnsw serve.search: the index's search of the padded query rows, then the re-sort of its
-                          100 by (distance, row); indexes built by serve.build_index as the export builds them
+  FAISS flat / ivf / hnsw faiss_index.search: the index's search of the padded query rows, then the re-sort of its
+                          100 by (distance, row); indexes built by faiss_index.build_index as the export builds them
   batch = all 2,100 queries in one call (median of --repeats); single = the first --single queries, one
   call each (retrieve's torch ranking: the first 20)
-Build: serve.build_index on all rows (IVF: k-means training included). Append: the whole export command
+Build: faiss_index.build_index on all rows (IVF: k-means training included). Append: the whole export command
 (python -m dihn_dist.export's export_index) over three synthetic run folders, round 1 fresh, then
 --append-to twice: read the run, read the old index, check its rows against the new run's first rows, add
 the new rows, write the index and its sidecar.
@@ -46,10 +46,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from benchkit import table
-from dihn_dist import export, retrieve, serve
-from dihn_dist import metrics as M
+
+from dihn_dist.method import metrics as M
+from dihn_dist.serving import export, faiss_index, retrieve
 
 ROUNDS = (120_000, 160_000, 193_734)      # database rows after each round
 ROUND_CLASSES = (15, 18, 21)              # classes present after each round
@@ -182,26 +182,26 @@ def identical_share(rows, exact_rows):
 # FAISS
 
 def index_size(index) -> int:
-    faiss = serve.require_faiss()
+    faiss = faiss_index.require_faiss()
     return int(faiss.serialize_index_binary(index).nbytes)
 
 
 def faiss_single(index, packed_queries, count, k):
     for i in range(count):
-        serve.search(index, packed_queries[i:i + 1], k)
+        faiss_index.search(index, packed_queries[i:i + 1], k)
 
 
 def bench_index(kind, packed_db, packed_queries, exact, args):
-    index, build_s = timed(lambda: serve.build_index(packed_db, kind, CODE_LENGTH))
-    (distances, rows), batch_s = timed(lambda: serve.search(index, packed_queries, TOPK), args.repeats)
+    index, build_s = timed(lambda: faiss_index.build_index(packed_db, kind, CODE_LENGTH))
+    (distances, rows), batch_s = timed(lambda: faiss_index.search(index, packed_queries, TOPK), args.repeats)
     _, single_s = timed(lambda: faiss_single(index, packed_queries, args.single, TOPK))
     result = dict(index=index, build_s=build_s, size=index_size(index), batch_qps=NUM_QUERY / batch_s,
                   single_qps=args.single / single_s, recall=recall_at_k(distances, exact[0]),
-                  identical=identical_share(rows, exact[1]), settings=serve.search_settings(index))
+                  identical=identical_share(rows, exact[1]), settings=faiss_index.search_settings(index))
     if kind == "flat":
         assert_same_up_to_ties(distances, rows, *exact, "FAISS flat")
         index.use_heap = False  # FAISS's counting-sort k-NN instead of a heap per query (not stored in a file)
-        (d2, r2), batch_s = timed(lambda: serve.search(index, packed_queries, TOPK), args.repeats)
+        (d2, r2), batch_s = timed(lambda: faiss_index.search(index, packed_queries, TOPK), args.repeats)
         result["no_heap_batch_qps"] = NUM_QUERY / batch_s
         assert_same_up_to_ties(d2, r2, *exact, "FAISS flat, use_heap False")
         _, single_s = timed(lambda: faiss_single(index, packed_queries, args.single, TOPK))
@@ -223,18 +223,18 @@ def bench_rounds(kind, codes, query_codes, db_classes, query_classes, exact, fre
                                                        append_to=previous))
         times.append(seconds)
         previous = path
-    served = serve.load_index(previous)
-    assert np.array_equal(served.codes, serve.pack_codes(codes)), f"{kind}: appended codes differ"
-    packed_queries = serve.pack_codes(query_codes)
-    distances, rows = serve.search(served.index, packed_queries, TOPK)
-    fresh_distances, fresh_rows = serve.search(fresh, packed_queries, TOPK)
+    served = faiss_index.load_index(previous)
+    assert np.array_equal(served.codes, faiss_index.pack_codes(codes)), f"{kind}: appended codes differ"
+    packed_queries = faiss_index.pack_codes(query_codes)
+    distances, rows = faiss_index.search(served.index, packed_queries, TOPK)
+    fresh_distances, fresh_rows = faiss_index.search(fresh, packed_queries, TOPK)
     if kind == "flat":
         assert_same_up_to_ties(distances, rows, fresh_distances, fresh_rows, "appended flat vs fresh flat")
         check = "same top-100 as the fresh index up to ties (asserted)"
     else:
         check = (f"recall@100 {recall_at_k(distances, exact[0]):.4f} (fresh index: "
                  f"{recall_at_k(fresh_distances, exact[0]):.4f})")
-    return dict(times=times, check=check, settings=serve.search_settings(served.index))
+    return dict(times=times, check=check, settings=faiss_index.search_settings(served.index))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def settings_text(settings):
 
 def main():
     args = parse_args()
-    faiss = serve.require_faiss()
+    faiss = faiss_index.require_faiss()
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -254,7 +254,7 @@ def main():
           f"for every method, {os.cpu_count()} CPUs, load average {load:.2f}", flush=True)
     started = time.perf_counter()
     codes, query_codes, db_classes, query_classes = make_codes(args.seed)
-    packed_db, packed_queries = serve.pack_codes(codes), serve.pack_codes(query_codes)
+    packed_db, packed_queries = faiss_index.pack_codes(codes), faiss_index.pack_codes(query_codes)
     n = codes.shape[0]
 
     one = np.zeros((NUM_QUERY, 1), np.uint8)
@@ -273,13 +273,13 @@ def main():
     print(f"exact rankings done ({time.perf_counter() - started:.0f} s)", flush=True)
 
     results = {}
-    for kind in serve.INDEX_KINDS:
+    for kind in faiss_index.INDEX_KINDS:
         results[kind] = bench_index(kind, packed_db, packed_queries, exact, args)
         print(f"{kind} done ({time.perf_counter() - started:.0f} s)", flush=True)
 
     rounds = {}
     with tempfile.TemporaryDirectory(prefix="bench_serving.") as folder:
-        for kind in serve.INDEX_KINDS if args.hnsw_rounds else ("flat", "ivf"):
+        for kind in faiss_index.INDEX_KINDS if args.hnsw_rounds else ("flat", "ivf"):
             rounds[kind] = bench_rounds(kind, codes, query_codes, db_classes, query_classes, exact,
                                         results[kind]["index"], Path(folder))
             print(f"{kind} rounds done ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -299,13 +299,13 @@ def main():
     ]
     for kind in ("ivf", "hnsw"):
         r = results[kind]
-        rows.append((f"FAISS {serve.FAISS_CLASSES[kind]} ({settings_text(r['settings'])})", f"{r['build_s']:.2f} s",
+        rows.append((f"FAISS {faiss_index.FAISS_CLASSES[kind]} ({settings_text(r['settings'])})", f"{r['build_s']:.2f} s",
                      f"{r['size']:,}", f"{r['batch_qps']:,.0f}", f"{r['single_qps']:,.0f}",
                      f"recall@100 {r['recall']:.4f}"))
     print()
     print(f"Top-{TOPK} of {NUM_QUERY:,} queries in {n:,} codes x {CODE_LENGTH} bits ({args.threads} thread(s)):")
     print(table(("method", "build", "size (bytes)", "batch queries/s", "single queries/s", "check"), rows))
-    round_rows = [(f"{serve.FAISS_CLASSES[kind]}", *(f"{t:.2f} s" for t in r["times"]), r["check"])
+    round_rows = [(f"{faiss_index.FAISS_CLASSES[kind]}", *(f"{t:.2f} s" for t in r["times"]), r["check"])
                   for kind, r in rounds.items()]
     print()
     print("Growing the index over three rounds (each cell: the whole export command):")

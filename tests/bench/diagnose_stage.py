@@ -27,11 +27,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dihn_dist import hashing  # noqa: E402
-from dihn_dist.data import eval_batches, load_prepared  # noqa: E402
-from dihn_dist.exported import load_run  # noqa: E402
-from dihn_dist.models import build_model, input_resolution  # noqa: E402
-from dihn_dist.retrieve import load_network  # noqa: E402
+from dihn_dist.data.loader import eval_batches
+from dihn_dist.data.prepared import load_prepared
+from dihn_dist.method import hashing
+from dihn_dist.models.networks import build_model, input_resolution
+from dihn_dist.serving.retrieve import load_network
+from dihn_dist.training.run_reader import load_run
 
 
 def activation_report(network: nn.Module, batches) -> list:

@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dihn_dist.method import dcc
+from dihn_dist.training import loop
+
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -138,7 +141,7 @@ def throughput(table: Table, work: Path, data: Path, device: str, quick: bool, c
 
 
 def nus_wide_sized_core(table: Table, device: str, quick: bool) -> None:
-    from dihn_dist import hashing, metrics
+    from dihn_dist.method import metrics
     n, m, c, q = (2000, 200, 48, 210) if quick else (193_734, 2_000, 48, 2_100)
     g = torch.Generator().manual_seed(0)
     labels = (torch.rand(n, 21, generator=g) < 0.08).float()
@@ -150,10 +153,10 @@ def nus_wide_sized_core(table: Table, device: str, quick: bool) -> None:
     for where in ("cpu", device):
         dev = torch.device(where)
         args = (codes.to(dev), U.to(dev), labels[sample].to(dev), labels.to(dev), sample.to(dev), 200.0, 0.3)
-        hashing.solve_dcc(*args)  # warm-up (CUDA kernels, allocator)
+        dcc.solve_dcc(*args)  # warm-up (CUDA kernels, allocator)
         _sync(dev)
         started = time.perf_counter()
-        solved[where] = hashing.solve_dcc(*args).cpu()
+        solved[where] = dcc.solve_dcc(*args).cpu()
         _sync(dev)
         timings[where] = time.perf_counter() - started
     agree = float((solved["cpu"] == solved[device]).float().mean())
@@ -183,18 +186,18 @@ def host_syncs(table: Table, data: Path, device: str, quick: bool) -> None:
     if device == "cpu":
         table.add("host syncs per outer iteration", "not measurable on a CPU", None)
         return
-    from dihn_dist import dist, train
-    from dihn_dist.config import parse_config
-    from dihn_dist.stages import initial_codes, sample_positions, stage_spec
+    from dihn_dist.distributed import comm
+    from dihn_dist.training.config import parse_config
+    from dihn_dist.training.stages import initial_codes, sample_positions, stage_spec
     with tempfile.TemporaryDirectory() as scratch:
         config = parse_config(["--data", str(data), "--out", scratch + "/run", "--device", device, "--arch",
                                "small-cnn", "--resolution", "32", "--max-epoch", "1", "--num-samples", "512",
                                "--batch-size", "64", "--stage", "original"])
-        dist.init(config.device)
-        data_, run = train.check_inputs(config)
+        comm.init(config.device)
+        data_, run = loop.check_inputs(config)
         run.create(config, data_)
         stage = stage_spec("original", config, data_)
-        training = train.StageTraining(stage, config, data_, run, None, initial_codes(stage, config, None))
+        training = loop.StageTraining(stage, config, data_, run, None, initial_codes(stage, config, None))
         sample = sample_positions(config.seed, stage, 0, config.num_samples)
         training.train_on_sample(sample, 0.1, 0)  # compiles FFCV's pipeline
         torch.cuda.synchronize()
@@ -239,10 +242,11 @@ def multi_gpu(table: Table, work: Path, data: Path, device: str, quick: bool) ->
 def probe(data: Path, report: Path) -> None:
     """Run under torchrun: every rank loads batches through the trainer's loaders and steps a network on its
     GPU; then rank 0 asks nvidia-smi which processes hold a context on GPU 0."""
-    from dihn_dist import dist
-    from dihn_dist.data import TrainLoader, batch_schedule, eval_batches, load_prepared
-    from dihn_dist.models import SmallCNN
-    ctx = dist.init("cuda")
+    from dihn_dist.data.loader import TrainLoader, batch_schedule, eval_batches
+    from dihn_dist.data.prepared import load_prepared
+    from dihn_dist.distributed import comm
+    from dihn_dist.models.networks import SmallCNN
+    ctx = comm.init("cuda")
     prepared = load_prepared(data)
     loader = TrainLoader(prepared, batch_size=32, resolution=32, device=ctx.device, num_workers=2, length=64)
     loader.set_order(*batch_schedule(np.arange(64), 32, 1, 0))
@@ -253,14 +257,14 @@ def probe(data: Path, report: Path) -> None:
                                      num_workers=2):
         network(images)
     torch.cuda.synchronize()
-    pids = dist.gather_objects(os.getpid())
+    pids = comm.gather_objects(os.getpid())
     if ctx.is_main:
         listing = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader", "-i", "0"],
                                  capture_output=True, text=True).stdout.split()
         on_gpu0 = {int(p) for p in listing if p.strip().isdigit()}
         report.write_text(json.dumps({"ranks_on_gpu0": [r for r, pid in enumerate(pids) if pid in on_gpu0]}))
-    dist.barrier()
-    dist.shutdown()
+    comm.barrier()
+    comm.shutdown()
 
 
 def main() -> int:

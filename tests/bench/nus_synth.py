@@ -2,7 +2,7 @@
 
     python tests/bench/nus_synth.py OUT [--database 193734] [--query-per-tag 100] [--workers 2] [--seed 0]
 
-Writes what `dihn_dist.datasets.load_nus_wide_tc21` reads: database_img.txt, database_label_onehot.txt,
+Writes what `dihn_dist.data.sources.load_nus_wide_tc21` reads: database_img.txt, database_label_onehot.txt,
 test_img.txt, test_label_onehot.txt (paths relative to OUT, 21 space-separated 0/1 per line) and the JPEGs
 under OUT/images/{database,query}/NNN/. `generated.json` is written last: it marks the folder complete
 (a rerun with the same settings returns at once) and records the tag counts, the time and the bytes.
@@ -103,7 +103,7 @@ _ITEMS: Dict[str, Dict[int, np.ndarray]] = {}   # part -> class -> (N, 28, 28) u
 
 def fashion_items() -> Dict[str, Dict[int, np.ndarray]]:
     """Fashion-MNIST images by class: training images for the database, test images for the queries."""
-    from dihn_dist.datasets import load_fashion_mnist
+    from dihn_dist.data.sources import load_fashion_mnist
     source = load_fashion_mnist()
     items = {}
     for part, images, labels in (("database", source.database.images.pixels, source.database.labels),

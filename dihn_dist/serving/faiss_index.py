@@ -51,18 +51,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_json
-from .errors import UsageError
-from .exported import unpack_codes
-from .formats import read_json_object
+from ..common.atomic import atomic_path, atomic_write_json
+from ..common.codes import BIT_ORDER, unpack_codes
+from ..common.errors import UsageError
+from ..common.formats import read_json_object
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 FAISS_CLASSES = {"flat": "IndexBinaryFlat", "ivf": "IndexBinaryIVF", "hnsw": "IndexBinaryHNSW"}
 SIDECAR_FORMAT = {"format": "dihn_dist.faiss_index", "format_version": 1}
 SIDECAR_SUFFIX = ".json"
 INSTALL_HINT = "pip install 'dihn_dist[serve]' (or pip install faiss-cpu)"
-BIT_ORDER = ("numpy.packbits(codes > 0, axis=1): bit j of a code is bit 7 - j % 8 of byte j // 8, 1 = +1; "
-             "padding bits and bytes up to index_bits are 0")
 # Row sizes (bytes) that FAISS's Hamming distance has a dedicated kernel for; others use a generic loop.
 FAISS_FAST_CODE_SIZES = (4, 8, 16, 20, 32, 64)
 CHECKSUM_SCHEME = ("sha256 of the codes as int8 +-1 rows (rows x code_length, row-major): the trainer's "
@@ -98,10 +96,6 @@ def require_faiss():
 
 # ----------------------------------------------------------------------------------------------------
 # Codes
-
-def pack_codes(codes: np.ndarray) -> np.ndarray:
-    """int8 +-1 (rows, c) -> the exported packed rows (rows, ceil(c / 8)), as the index holds them."""
-    return np.packbits(np.asarray(codes) > 0, axis=1)
 
 
 def codes_sha256(packed: np.ndarray, code_length: int) -> str:

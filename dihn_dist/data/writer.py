@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
 import numpy as np
+from ffcv.fields import RGBImageField
 
 DIGEST_BYTES = 16
 ITEM_DIGEST_SCHEME = ("blake2b (16-byte digest) of the item's stored image metadata (mode: 1 byte, 0 = JPEG, "
@@ -347,3 +348,64 @@ def digest_items(stored: np.ndarray, images: StoredImages, labels: np.ndarray) -
         digests[i] = np.frombuffer(item_digest.digest(), dtype=np.uint8)
     stored_bytes.release()
     return digests, image_digests
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Copying stored images verbatim
+
+
+@dataclass
+class StoredImage:
+    """One item's image as stored in a .beton: FFCV's metadata and the stored bytes (JPEG file or raw pixels)."""
+    mode: int
+    height: int
+    width: int
+    data: np.ndarray   # uint8
+
+
+class StoredImageField(RGBImageField):
+    """An RGBImageField whose encode also takes a StoredImage, written as it is: same metadata, same bytes,
+    never decoded or re-encoded. Other images (HxWx3 uint8 arrays) are encoded as by RGBImageField."""
+
+    def encode(self, destination, image, malloc):
+        if not isinstance(image, StoredImage):
+            return super().encode(destination, image, malloc)
+        destination["mode"] = image.mode
+        destination["height"] = image.height
+        destination["width"] = image.width
+        destination["data_ptr"], storage = malloc(len(image.data))
+        storage[:] = image.data
+
+
+def round_fields(fields: dict) -> dict:
+    """The fields of a first preparation with the image field able to copy stored images."""
+    image = fields["image"]
+    return {**fields, "image": StoredImageField(write_mode=image.write_mode, max_resolution=image.max_resolution,
+                                                jpeg_quality=image.jpeg_quality)}
+
+
+UNKNOWN_FIELD_TYPE = 255   # what FFCV's writer records for a field class it has no type id for
+
+
+def record_image_field_type(path: Path) -> None:
+    """Record the image field of a written .beton as an RGBImageField.
+
+    FFCV's writer looks a field's type id up by its exact class, so a StoredImageField is recorded as 255
+    (unknown), which readers refuse. Its items are exactly RGBImageField's (same metadata layout, same
+    arguments: RGBImageField.to_binary is all zeros), so its type id is set to RGBImageField's and every
+    reader decodes it with the ordinary RGB decoder."""
+    from ffcv.types import TYPE_ID_HANDLER, FieldDescType, HeaderType
+    rgb_type = next(type_id for type_id, handler in TYPE_ID_HANDLER.items() if handler is RGBImageField)
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    descriptors = np.fromfile(path, dtype=FieldDescType, count=int(header["num_fields"]), offset=HeaderType.itemsize)
+    names = [bytes(descriptor["name"]).rstrip(b"\0").decode("ascii") for descriptor in descriptors]
+    position = names.index("image")
+    if descriptors[position]["type_id"] != UNKNOWN_FIELD_TYPE:
+        raise RuntimeError(f"{path}: the image field was recorded with type id {descriptors[position]['type_id']}, "
+                           f"expected {UNKNOWN_FIELD_TYPE} (FFCV's writer changed)")
+    descriptors[position]["type_id"] = rgb_type
+    with open(path, "r+b") as handle:
+        handle.seek(HeaderType.itemsize)
+        handle.write(descriptors.tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())

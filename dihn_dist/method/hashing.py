@@ -25,7 +25,7 @@ DEFAULT_BLOCK_ROWS = 16384
 
 def check_codes(name: str, codes: torch.Tensor, code_length: Optional[int] = None) -> None:
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D tensor of +-1 codes, got {_describe(codes)}")
+        raise ValueError(f"{name}: expected a 2-D tensor of +-1 codes, got {describe_tensor(codes)}")
     if code_length is not None and codes.shape[1] != code_length:
         raise ValueError(f"{name}: expected {code_length} bits per row, got shape {tuple(codes.shape)}")
     if codes.numel() and not bool(((codes == 1) | (codes == -1)).all()):
@@ -35,7 +35,7 @@ def check_codes(name: str, codes: torch.Tensor, code_length: Optional[int] = Non
 
 def check_labels(name: str, labels: torch.Tensor, width: Optional[int] = None) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D 0/1 label matrix, got {_describe(labels)}")
+        raise ValueError(f"{name}: expected a 2-D 0/1 label matrix, got {describe_tensor(labels)}")
     if width is not None and labels.shape[1] != width:
         raise ValueError(f"{name}: expected {width} label columns, got shape {tuple(labels.shape)}")
     if labels.numel() and not bool(((labels == 0) | (labels == 1)).all()):
@@ -53,7 +53,7 @@ def check_nonempty(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name}: is empty (shape {tuple(tensor.shape)})")
 
 
-def _describe(x) -> str:
+def describe_tensor(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
     return f"{type(x).__name__}"
@@ -371,13 +371,13 @@ def factorized_hash_loss(outputs: torch.Tensor, batch_patterns: torch.Tensor,
     back into outputs through the cast. The stats are moved to the device of outputs if they differ.
     """
     if not isinstance(stats, HashTermStats):
-        raise ValueError(f"stats: expected a HashTermStats from hash_term_stats, got {_describe(stats)}")
+        raise ValueError(f"stats: expected a HashTermStats from hash_term_stats, got {describe_tensor(stats)}")
     code_length = stats.code_length
     if (not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[1] != code_length
             or not outputs.is_floating_point()):
         dtype = f" of dtype {outputs.dtype}" if isinstance(outputs, torch.Tensor) else ""
         raise ValueError(f"outputs: expected a 2-D float tensor with {code_length} columns (the stats' code "
-                         f"length), got {_describe(outputs)}{dtype}")
+                         f"length), got {describe_tensor(outputs)}{dtype}")
     _check_pattern_ids("batch_patterns", batch_patterns, outputs.shape[0], stats.num_patterns, "outputs")
 
     device = outputs.device
@@ -389,91 +389,3 @@ def factorized_hash_loss(outputs: torch.Tensor, batch_patterns: torch.Tensor,
     constant = stats.target_norms.to(device)[ids].sum()
     loss = quadratic - 2 * code_length * linear + code_length ** 2 * constant
     return loss.to(outputs.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Discrete cyclic coordinate descent
-
-def sign_keep(values: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """sgn(values) with +-1 only: an exact 0 keeps the previous bit (torch.sign would write a 0 bit)."""
-    return torch.where(values > 0, 1.0, torch.where(values < 0, -1.0, previous.to(values.dtype)))
-
-
-def dcc_objective(B: torch.Tensor, U: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """||B U^T||^2 - 2 tr(B^T P): the DCC objective up to a constant, as ||U^T B||^2 would need n x m."""
-    B = B.to(U.dtype)
-    gram = U.T @ U
-    return ((B @ gram) * B).sum() - 2 * (B * P).sum()
-
-
-def dcc_linear_term(U: torch.Tensor, sample_labels: torch.Tensor, db_labels: torch.Tensor,
-                    sample_pos: torch.Tensor, gamma: float, r: Optional[float] = None,
-                    block_rows: int = DEFAULT_BLOCK_ROWS, factorize: Optional[bool] = None,
-                    db_patterns: PatternsOf = None) -> torch.Tensor:
-    """P = c * S^T U + gamma * Ubar (n x c), Ubar holding U's rows at the sampled items' positions."""
-    U = U.float()
-    code_length = U.shape[1]
-    P = code_length * similarity_transpose_times(sample_labels, db_labels, U, r, block_rows, factorize, db_patterns)
-    inside = sample_pos >= 0
-    P.index_add_(0, sample_pos[inside], gamma * U[inside])
-    return P
-
-
-def solve_dcc(B: torch.Tensor, U: torch.Tensor, sample_labels: torch.Tensor, db_labels: torch.Tensor,
-              sample_pos: torch.Tensor, gamma: float, r: Optional[float] = None,
-              block_rows: int = DEFAULT_BLOCK_ROWS, factorize: Optional[bool] = None,
-              db_patterns: PatternsOf = None) -> torch.Tensor:
-    """One DCC sweep over the bits of the codes being learned; returns new codes.
-
-    B (n x c, +-1, any dtype): current codes of the database part being learned. U (m x c float): the
-    network outputs of the m sampled items. sample_labels (m x L), db_labels (n x L): 0/1 labels.
-    sample_pos (m,) int64: each sampled item's row in B, or -1 when it is not in this part.
-    gamma: weight of the quantization term. r: None for the hard +-1 similarity, else the soft offset
-    (S*(1+r)-r) that the caller computed over the whole database. db_patterns: label_patterns(db_labels),
-    when the caller keeps them (they do not change between sweeps).
-
-    For k = 0..c-1: B[:,k] = sgn(P[:,k] - B_{-k} (U_{-k}^T U[:,k])), P = c S^T U + gamma Ubar; an exact
-    0 keeps the previous bit. B_{-k} U_{-k}^T U[:,k] = B_{-k} G_{-k,k} with G = U^T U (c x c),
-    so a sweep costs O(n c^2) after P (O(m n c), bounded memory) and never forms an n x m product.
-    (G's column k is used with its k-th entry zeroed, which is exactly the sum over j != k.)
-
-    Returns a new tensor with B's shape, dtype and device; the inputs are not modified.
-    """
-    check_codes("B", B)
-    check_nonempty("B", B)
-    code_length = B.shape[1]
-    if not isinstance(U, torch.Tensor) or U.dim() != 2 or U.shape[1] != code_length:
-        raise ValueError(f"U: expected a 2-D tensor with {code_length} columns (B has {code_length} bits), "
-                         f"got {_describe(U)}")
-    check_nonempty("U", U)
-    if not bool(torch.isfinite(U).all()):
-        raise ValueError("U: contains NaN or inf")
-    check_labels("sample_labels", sample_labels)
-    check_nonempty("sample_labels", sample_labels)
-    check_rows("sample_labels", sample_labels, U.shape[0], "U")
-    check_labels("db_labels", db_labels, sample_labels.shape[1])
-    check_rows("db_labels", db_labels, B.shape[0], "B")
-    if (not isinstance(sample_pos, torch.Tensor) or sample_pos.is_floating_point() or sample_pos.is_complex()
-            or sample_pos.dtype == torch.bool):
-        found = f"dtype {sample_pos.dtype}" if isinstance(sample_pos, torch.Tensor) else type(sample_pos).__name__
-        raise ValueError(f"sample_pos: expected an integer tensor of rows of B (or -1), got {found}")
-    if sample_pos.dim() != 1 or sample_pos.shape[0] != U.shape[0]:
-        raise ValueError(f"sample_pos: expected shape ({U.shape[0]},) to match U, got {tuple(sample_pos.shape)}")
-    sample_pos = sample_pos.to(device=U.device, dtype=torch.long)
-    if sample_pos.numel() and (int(sample_pos.max()) >= B.shape[0] or int(sample_pos.min()) < -1):
-        raise ValueError(f"sample_pos: entries must be -1 or in [0, {B.shape[0]}), "
-                         f"found range [{int(sample_pos.min())}, {int(sample_pos.max())}]")
-
-    U = U.float()
-    P = dcc_linear_term(U, sample_labels, db_labels, sample_pos, gamma, r, block_rows, factorize, db_patterns)
-    gram = U.T @ U
-    # Bit-major layout (c x n): each bit's column is contiguous for the update and the matvec.
-    codes = B.to(device=U.device, dtype=torch.float32).T.contiguous()
-    P = P.T.contiguous()
-    for k in range(code_length):
-        column = gram[:, k].clone()
-        column[k] = 0
-        values = torch.addmv(P[k], codes.T, column, alpha=-1)  # P[:,k] - B_{-k} U_{-k}^T U[:,k]
-        signs = values.sign()
-        codes[k] = torch.where(signs == 0, codes[k], signs)  # sgn(0) keeps the previous bit
-    return codes.T.to(device=B.device, dtype=B.dtype).contiguous()

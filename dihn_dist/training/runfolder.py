@@ -30,11 +30,23 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from . import dist
-from .atomic import atomic_write_bytes, atomic_write_json
-from .exported import load_codes_file
-from .formats import FOLDER_MARKER, IMAGE_DIGEST_FILES, RUN_FORMAT, STAGE_TITLES, STAGES, folder_kind, train_command
-from .hashing import check_codes
+from ..common.atomic import atomic_write_bytes, atomic_write_json
+from ..common.codes import pack_codes
+from ..common.formats import (
+    FOLDER_MARKER,
+    IMAGE_DIGEST_FILES,
+    INCREMENTAL,
+    ORIGINAL,
+    PUBLISHED_STAGES,
+    RUN_FORMAT,
+    STAGE_TITLES,
+    STAGES,
+    folder_kind,
+    train_command,
+)
+from ..distributed import comm
+from ..method.hashing import check_codes
+from .run_reader import load_codes_file
 
 
 def atomic_save_numpy(path: Path, array: np.ndarray) -> None:
@@ -112,8 +124,8 @@ class RunFolder:
         """The last finished stage (incremental, else original) whose codes cover exactly `rows` database rows:
         the previous round's DIHN codes in a chain of rounds, or stage 1's codes when the same data goes on."""
         manifest = self.read_json("manifest.json") if self.path("manifest.json").is_file() else {}
-        covers = {"incremental": manifest.get("num_database"), "original": manifest.get("num_original")}
-        for stage in ("incremental", "original"):
+        covers = {INCREMENTAL: manifest.get("num_database"), ORIGINAL: manifest.get("num_original")}
+        for stage in PUBLISHED_STAGES:
             if self.stage_complete(stage) and covers[stage] == rows:
                 return stage
         finished = ", ".join(f"{s} ({covers[s]} rows)" for s in covers if self.stage_complete(s)) or "none"
@@ -163,9 +175,9 @@ class RunFolder:
 
     def create(self, config, data) -> None:
         """The marker, the settings (stages asked of this run so far), the data's manifest and labels."""
-        if dist.context().is_main:
+        if comm.context().is_main:
             self._create(config, data)
-        dist.barrier()
+        comm.barrier()
 
     def _create(self, config, data) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -191,29 +203,29 @@ class RunFolder:
 
     def save_checkpoint(self, stage: str, state: Dict[str, Any]) -> None:
         """Objects with a state_dict are saved by it; everything else as it is. Every rank waits for it."""
-        if dist.context().is_main:
+        if comm.context().is_main:
             saved = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
             atomic_torch_save(self.checkpoint_path(stage), saved)
-        dist.barrier()
+        comm.barrier()
 
     def save_stage(self, stage: str, model_state: dict, database_codes: torch.Tensor,
                    query_codes: torch.Tensor, result: dict) -> None:
-        if dist.context().is_main:
+        if comm.context().is_main:
             codes = database_codes.detach().to("cpu", torch.int8).numpy()
             atomic_torch_save(self.path(stage, "model.pt"), model_state)
             atomic_save_numpy(self.path(stage, "database_codes.npy"), codes)
-            atomic_save_numpy(self.path(stage, "database_codes.packed.npy"), np.packbits(codes > 0, axis=1))
+            atomic_save_numpy(self.path(stage, "database_codes.packed.npy"), pack_codes(codes))
             atomic_save_numpy(self.path(stage, "query_codes.npy"),
                               query_codes.detach().to("cpu", torch.int8).numpy())
             atomic_write_json(self.path(stage, "result.json"), result)
-        dist.barrier()
+        comm.barrier()
 
     def write_metrics(self) -> dict:
         """metrics.json from every finished stage of the run, whichever command finished it."""
         results = {stage: self.read_json(stage, "result.json") for stage in self.finished_stages()}
         summary = {"rows": [{"name": STAGE_TITLES[k], "stage": k, **v["row"]} for k, v in results.items()],
                    "stages": results}
-        if dist.context().is_main:
+        if comm.context().is_main:
             atomic_write_json(self.path("metrics.json"), summary)
         return summary
 
@@ -246,7 +258,7 @@ class RunFolder:
 
 
 def _resume_invariants():
-    from .config import RESUME_INVARIANTS
+    from ..training.config import RESUME_INVARIANTS
     return RESUME_INVARIANTS
 
 
@@ -263,7 +275,7 @@ def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
         source = RunFolder(config.old_run) if config.old_run else run
         if config.old_run:
             check_old_run(source, config, data)
-        stage = (config.old_stage or source.stage_covering(data.num_original)) if config.old_run else "original"
+        stage = (config.old_stage or source.stage_covering(data.num_original)) if config.old_run else ORIGINAL
         if not source.stage_complete(stage):
             raise FileNotFoundError(
                 f"{source.root}: has no finished {stage} stage, which stage 2 starts from; run --stage {stage} "
@@ -279,7 +291,7 @@ def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
 
 def check_old_run(source: RunFolder, config, data) -> None:
     """--old-run must be a finished run of the same code length whose database begins --data's."""
-    from .data import check_database_prefix
+    from ..data.prepared import check_database_prefix
     if not source.finished_stages():
         raise FileNotFoundError(f"--old-run {source.root}: has no finished stage (no <stage>/result.json); finish "
                                 f"it first, or pass --old-codes FILE")

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .formats import STAGES
+from ..common.formats import INCREMENTAL, ORIGINAL, STAGES
 
 if TYPE_CHECKING:  # annotations only
-    from .config import Config
-    from .data import PreparedData
+    from ..data.prepared import PreparedData
+    from ..training.config import Config
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,9 @@ class Stage:
 def stage_spec(name: str, config: Config, data: PreparedData) -> Stage:
     """The stage table: original = ADSH on the original items; incremental = DIHN on every item with the
     original codes frozen; retrain = ADSH from scratch on every item (the baseline)."""
-    if name == "original":
+    if name == ORIGINAL:
         return Stage(name, data.num_original, 0, 0.0, config.lr_decay_original)
-    if name == "incremental":
+    if name == INCREMENTAL:
         return Stage(name, data.num_database, data.num_original, config.mu, config.lr_decay_incremental)
     return Stage(name, data.num_database, 0, 0.0, config.lr_decay_original)
 

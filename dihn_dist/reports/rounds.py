@@ -4,7 +4,7 @@ Classes arrive round after round (`prepare --extends`, `train --old-run`). This 
 folders and tells, per round, how well the chained DIHN codes and the retrained baseline retrieve, over all the
 queries of the round and over the queries of each round's classes, and how much of what earlier rounds had
 learned is kept (forgetting). Like the one-run report, it reads only the exported codes and labels
-(`dihn_dist.exported`): no model, no images. It writes into --out (default RUN_k/rounds-report):
+(`dihn_dist.training.run_reader`): no model, no images. It writes into --out (default RUN_k/rounds-report):
     rounds.md, rounds.json     three tables (per round; per round of the queries' classes; forgetting), the
                                definitions, and every number behind them
     rounds_map.png             mAP per round, DIHN against retrained ADSH
@@ -31,11 +31,12 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import metrics, reportkit
-from .data import database_prefix_problem, database_record
-from .exported import ExportedRun, StageExport, load_run
-from .formats import classes_so_far, is_incremental
-from .reportkit import format_value, markdown_table, text_table
+from ..common.formats import INCREMENTAL, ORIGINAL, RETRAIN, classes_so_far, is_incremental
+from ..data.prepared import database_prefix_problem, database_record
+from ..method import metrics
+from ..training.run_reader import ExportedRun, StageExport, load_run
+from . import figures
+from .figures import format_value, markdown_table, text_table
 
 SERIES = ("dihn", "retrain")
 SERIES_TITLES = {"dihn": "DIHN", "retrain": "retrained ADSH"}
@@ -105,12 +106,12 @@ def check_chain(runs: List[ExportedRun]) -> None:
 def series_stages(run: ExportedRun) -> Dict[str, Optional[str]]:
     """Which finished stage stands for each series in this run (see the definitions above)."""
     finished = run.finished_stages()
-    dihn = "incremental" if "incremental" in finished else "original" if "original" in finished else None
+    dihn = INCREMENTAL if INCREMENTAL in finished else ORIGINAL if ORIGINAL in finished else None
     if dihn is None:
-        run.stage("incremental")  # raises the one-line error that names the command which trains it
-    retrain = "retrain" if "retrain" in finished else None
-    if retrain is None and dihn == "original" and run.stage_rows("original") == len(run.database_labels):
-        retrain = "original"
+        run.stage(INCREMENTAL)  # raises the one-line error that names the command which trains it
+    retrain = RETRAIN if RETRAIN in finished else None
+    if retrain is None and dihn == ORIGINAL and run.stage_rows(ORIGINAL) == len(run.database_labels):
+        retrain = ORIGINAL
     return {"dihn": dihn, "retrain": retrain}
 
 
@@ -162,7 +163,7 @@ def evaluate_series(round_: Round, stage: StageExport, rounds_of_queries: np.nda
                                "map_topk": mean_or_none(aps_topk[rounds_of_queries == g])}
                               for g in range(1, round_.number + 1)]}
     recorded = stage.result.get("row", {})
-    row["recorded_differences"] = (reportkit.differences_from_record(row, recorded, RECORDED_KEYS)
+    row["recorded_differences"] = (figures.differences_from_record(row, recorded, RECORDED_KEYS)
                                    if recorded.get("topk") == row["topk"] else None)
     return row
 
@@ -288,7 +289,7 @@ def round_ticks(axes, rounds: List[Round]) -> None:
 
 def plot_map_per_round(rounds: List[Round], path: Path) -> Path:
     """mAP@ALL of DIHN and of retrained ADSH per round (and mAP@K, dashed, when K is not the whole database)."""
-    figure, axes = reportkit.new_figure(FIGURE_INCHES["rounds_map"])
+    figure, axes = figures.new_figure(FIGURE_INCHES["rounds_map"])
     with_topk = metric_name(rounds) == "mAP@K"
     for series in SERIES:
         points = [(r.number, r.series[series]) for r in rounds if r.series[series]]
@@ -305,12 +306,12 @@ def plot_map_per_round(rounds: List[Round], path: Path) -> Path:
     round_ticks(axes, rounds)
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize=9)
-    return reportkit.save_figure(figure, path)
+    return figures.save_figure(figure, path)
 
 
 def plot_query_rounds(rounds: List[Round], maps: Dict[str, list], path: Path) -> Path:
     """One panel per series: mAP@K of each round's class queries, from their round to the last."""
-    figure, panels = reportkit.new_figure(FIGURE_INCHES["rounds_forgetting"], panels=len(SERIES))
+    figure, panels = figures.new_figure(FIGURE_INCHES["rounds_forgetting"], panels=len(SERIES))
     metric = metric_name(rounds)
     colours = [f"C{i % 10}" for i in range(len(rounds))]
     for axes, series in zip(panels, SERIES):
@@ -324,7 +325,7 @@ def plot_query_rounds(rounds: List[Round], maps: Dict[str, list], path: Path) ->
         round_ticks(axes, rounds)
         axes.grid(alpha=0.3)
         axes.legend(loc="best", fontsize=9)
-    return reportkit.save_figure(figure, path)
+    return figures.save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,7 +389,7 @@ def chain_note(rounds: List[Round]) -> str:
 
 def data_summary(rounds: List[Round]) -> str:
     first, last = rounds[0].run, rounds[-1].run
-    architectures = sorted({f"{r.run.config['arch']} ({reportkit.backbone_description(r.run.config)})"
+    architectures = sorted({f"{r.run.config['arch']} ({figures.backbone_description(r.run.config)})"
                             for r in rounds})
     classes = ", +".join(r.class_range for r in rounds)
     return (f"{last.manifest.get('dataset', 'data')} in {len(rounds)} rounds (classes {classes}): "

@@ -12,11 +12,14 @@ import os
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
 from loguru import logger
+
+from ..common.codes import pack_codes, packed_width, unpack_codes
+from .machine import select_device, set_intra_op_threads
 
 
 @dataclass(frozen=True)
@@ -43,71 +46,6 @@ def context() -> Context:
     return _context
 
 
-def select_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
-    """auto: this process's GPU when CUDA is present, else CPU; cuda without an index: cuda:LOCAL_RANK.
-
-    Under torchrun with several processes on a node, an explicit cuda:N must be this process's own GPU
-    (N = LOCAL_RANK): otherwise every rank would train on the same GPU."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            raise ValueError(f"--device: expected auto, cpu or cuda[:index], got {requested!r}") from None
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        elif local_world_size > 1 and device.index != local_rank:
-            raise ValueError(f"--device {requested}: under torchrun each process uses its own GPU, cuda:LOCAL_RANK "
-                             f"(this is local rank {local_rank} of {local_world_size}); pass --device cuda, and "
-                             f"choose the GPUs with CUDA_VISIBLE_DEVICES")
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return device
-    if requested != "cpu":
-        raise ValueError(f"--device: expected auto, cpu or cuda[:index], got {requested!r}")
-    return torch.device("cpu")
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask (taskset, cgroups, Slurm binding), and no more than
-    Slurm's --cpus-per-task when Slurm gave one (without task binding the mask is the whole node)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if slurm.isdigit() and int(slurm) > 0:
-        cpus = min(cpus, int(slurm))
-    return max(1, cpus)
-
-
-def cpu_share(local_world_size: int) -> int:
-    """This process's share of the CPUs: the node's processes split them evenly, at least one each."""
-    return max(1, available_cpus() // max(1, local_world_size))
-
-
-def _set_intra_op_threads(local_world_size: int) -> None:
-    # torchrun exports OMP_NUM_THREADS=1 to its workers when the user left it unset, so under torchrun
-    # that value is torchrun's default, not a choice: each process takes its CPU share instead.
-    chosen = os.environ.get("OMP_NUM_THREADS")
-    torchrun_default = chosen == "1" and local_world_size > 1 and "TORCHELASTIC_RUN_ID" in os.environ
-    if chosen is None or torchrun_default:
-        torch.set_num_threads(cpu_share(local_world_size))
-
-
-def make_deterministic() -> None:
-    """Deterministic kernels (and no TF32) so that a GPU run repeats from its seed, at some cost in speed.
-    cuBLAS needs its workspace setting before the CUDA context exists: call this before init()."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-
-
 def init(requested_device: str = "auto", timeout_s: float = 600) -> Context:
     """Set up the process group from torchrun's environment, or a single process without it."""
     global _context
@@ -116,7 +54,7 @@ def init(requested_device: str = "auto", timeout_s: float = 600) -> Context:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     device = select_device(requested_device, local_rank, local_world_size)
-    _set_intra_op_threads(local_world_size)
+    set_intra_op_threads(local_world_size)
     if device.type == "cuda":
         # Before anything allocates, or every rank would create its context on GPU 0.
         torch.cuda.set_device(device)
@@ -232,35 +170,25 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:c] for g, c in zip(gathered, counts)])
 
 
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """+-1 codes (n x c) -> uint8 (n x ceil(c/8)), bit order as numpy.packbits(axis=1)."""
-    bits = (codes > 0).to(torch.uint8)
-    pad = (-bits.shape[1]) % 8
-    if pad:
-        bits = torch.nn.functional.pad(bits, (0, pad))
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=codes.device)
-    return (bits.view(bits.shape[0], -1, 8) * weights).sum(dim=2, dtype=torch.uint8)
+def broadcast_codes(codes: Optional[torch.Tensor], rows: int, code_length: int) -> Tuple[torch.Tensor, int]:
+    """Rank 0's +-1 codes (rows x code_length) on every rank, sent bit-packed (c/8 bytes a row, never float32).
 
-
-def unpack_codes(packed: torch.Tensor, code_length: int) -> torch.Tensor:
-    """Inverse of pack_codes: int8 +-1 codes (n x code_length)."""
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(2) >> shifts) & 1
-    bits = bits.reshape(packed.shape[0], -1)[:, :code_length]
-    return bits.to(torch.int8) * 2 - 1
-
-
-def broadcast_codes(codes: torch.Tensor, code_length: int) -> Tuple[torch.Tensor, int]:
-    """Rank 0's +-1 codes on every rank, sent bit-packed (c/8 bytes a row, never float32).
-
-    `codes` must have the same shape on every rank (its values only matter on rank 0).
-    Returns (int8 codes on the caller's device, bytes sent).
-    """
-    packed = pack_codes(codes)
+    `codes` matters on rank 0 only (the other ranks pass None). Returns (int8 codes on this rank's device,
+    bytes sent)."""
+    if _context.is_main:
+        packed = pack_codes(codes.to(_device_for_collectives()))
+    else:
+        packed = torch.empty(rows, packed_width(code_length), dtype=torch.uint8, device=_device_for_collectives())
     if _context.distributed:
-        packed = packed.to(_device_for_collectives())
         torch_dist.broadcast(packed, src=0)
-    return unpack_codes(packed, code_length).to(codes.device), packed.numel()
+    return unpack_codes(packed, code_length).to(_context.device), packed.numel()
+
+
+def rank0_computes(compute: Callable[[], Any], receive: Callable[[Any], Any] = None) -> Any:
+    """`compute()` on rank 0 alone, its result handed to every rank by `receive` (which gets None on the other
+    ranks; default: broadcast_object). The one place where work is split by rank, so callers never branch."""
+    receive = receive or broadcast_object
+    return receive(compute() if _context.is_main else None)
 
 
 def broadcast_object(obj: Any) -> Any:

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .formats import is_incremental
+from ..common.formats import is_incremental
 from .hashing import check_codes, check_labels, check_nonempty, check_rows
 
 # Query rows per chunk are chosen so one chunk's query x database matrices stay near this many entries.

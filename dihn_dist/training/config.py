@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .augment import AUGMENTATIONS, resolve as resolve_augment
-from .formats import STAGES
-from .models import ARCHITECTURES, PRECISIONS, SWITCHES
+from ..common.formats import STAGES
+from ..models.augment import AUGMENTATIONS
+from ..models.augment import resolve as resolve_augment
+from ..models.networks import ARCHITECTURES, PRECISIONS, SWITCHES
 
 
 @dataclass

@@ -159,13 +159,16 @@ def prepare_command(request: Dict[str, object], out) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 # The stages of a run, in the order they run, and how their retrieval rows are named in reports.
-STAGES = ("original", "incremental", "retrain")
+ORIGINAL, INCREMENTAL, RETRAIN = "original", "incremental", "retrain"
+STAGES = (ORIGINAL, INCREMENTAL, RETRAIN)
+DIHN_STAGES = (ORIGINAL, INCREMENTAL)       # what --stage all runs (the default)
+PUBLISHED_STAGES = (INCREMENTAL, ORIGINAL)  # the codes a round publishes: its DIHN codes, else stage 1's
 STAGE_TITLES = {
-    "original": "original codes (ADSH, original database)",
-    "incremental": "DIHN (whole database)",
-    "retrain": "ADSH retrained on all classes",
+    ORIGINAL: "original codes (ADSH, original database)",
+    INCREMENTAL: "DIHN (whole database)",
+    RETRAIN: "ADSH retrained on all classes",
 }
-STAGE_SHORT_TITLES = {"original": "original codes", "incremental": "DIHN", "retrain": "retrained ADSH"}
+STAGE_SHORT_TITLES = {ORIGINAL: "original codes", INCREMENTAL: "DIHN", RETRAIN: "retrained ADSH"}
 
 
 def is_incremental(labels, num_seen: int):

@@ -41,104 +41,28 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-from ffcv.fields import RGBImageField
 
-from .betonwriter import StoredImages, WorkerTable, read_back
-from .data import PreparedData, load_prepared
-from .datasets import SourceDataset, SourcePart
-from .formats import ITEM_PATH_FILES, MANIFEST, PREPARED_FORMAT, classes_so_far, folder_kind
-from .prepare import (CLASS_ROUND_DATASETS, ITEM_DIGEST_FILES, PARTS, Contents, WriterItems, log_written,
-                      read_back_parts, round_record, save_preparation, select_rows, sha256_of, source_records,
-                      write_parts_skipping_bad)
+from ..common.formats import ITEM_PATH_FILES, MANIFEST, PREPARED_FORMAT, classes_so_far, folder_kind
+from .manifest import (
+    CLASS_ROUND_DATASETS,
+    Contents,
+    log_written,
+    round_record,
+    save_preparation,
+    sha256_of,
+    source_records,
+)
+from .parts import ITEM_DIGEST_FILES, PARTS, InheritedPart, read_back_parts, widened, write_parts_skipping_bad
+from .prepared import PreparedData, load_prepared
+from .sources import SourceDataset, SourcePart
+from .split import select_rows
+from .writer import read_back
 
 EXTENDABLE_DATASETS = ("image-list", *CLASS_ROUND_DATASETS)
 ROUND_ORDER = ("database = rows [0, num_original): the database of extends.path, each item's stored image copied byte "
                "for byte, label rows padded with 0 for the classes added since; then this round's new items in "
                "source order (they may carry old classes too); queries likewise: extends.path's, then this round's")
 LIST_FLAGS = {"query": "--query-list", "database": "--database-list"}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Copying stored images verbatim
-
-
-@dataclass
-class StoredImage:
-    """One item's image as stored in a .beton: FFCV's metadata and the stored bytes (JPEG file or raw pixels)."""
-    mode: int
-    height: int
-    width: int
-    data: np.ndarray   # uint8
-
-
-class StoredImageField(RGBImageField):
-    """An RGBImageField whose encode also takes a StoredImage, written as it is: same metadata, same bytes,
-    never decoded or re-encoded. Other images (HxWx3 uint8 arrays) are encoded as by RGBImageField."""
-
-    def encode(self, destination, image, malloc):
-        if not isinstance(image, StoredImage):
-            return super().encode(destination, image, malloc)
-        destination["mode"] = image.mode
-        destination["height"] = image.height
-        destination["width"] = image.width
-        destination["data_ptr"], storage = malloc(len(image.data))
-        storage[:] = image.data
-
-
-def round_fields(fields: dict) -> dict:
-    """The fields of a first preparation with the image field able to copy stored images."""
-    image = fields["image"]
-    return {**fields, "image": StoredImageField(write_mode=image.write_mode, max_resolution=image.max_resolution,
-                                                jpeg_quality=image.jpeg_quality)}
-
-
-UNKNOWN_FIELD_TYPE = 255   # what FFCV's writer records for a field class it has no type id for
-
-
-def record_image_field_type(path: Path) -> None:
-    """Record the image field of a written .beton as an RGBImageField.
-
-    FFCV's writer looks a field's type id up by its exact class, so a StoredImageField is recorded as 255
-    (unknown), which readers refuse. Its items are exactly RGBImageField's (same metadata layout, same
-    arguments: RGBImageField.to_binary is all zeros), so its type id is set to RGBImageField's and every
-    reader decodes it with the ordinary RGB decoder."""
-    from ffcv.types import TYPE_ID_HANDLER, FieldDescType, HeaderType
-    rgb_type = next(type_id for type_id, handler in TYPE_ID_HANDLER.items() if handler is RGBImageField)
-    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
-    descriptors = np.fromfile(path, dtype=FieldDescType, count=int(header["num_fields"]), offset=HeaderType.itemsize)
-    names = [bytes(descriptor["name"]).rstrip(b"\0").decode("ascii") for descriptor in descriptors]
-    position = names.index("image")
-    if descriptors[position]["type_id"] != UNKNOWN_FIELD_TYPE:
-        raise RuntimeError(f"{path}: the image field was recorded with type id {descriptors[position]['type_id']}, "
-                           f"expected {UNKNOWN_FIELD_TYPE} (FFCV's writer changed)")
-    descriptors[position]["type_id"] = rgb_type
-    with open(path, "r+b") as handle:
-        handle.seek(HeaderType.itemsize)
-        handle.write(descriptors.tobytes())
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# OLD_DATA
-
-
-@dataclass
-class InheritedPart:
-    """One part of OLD_DATA as NEW inherits it: where its stored images lie, their digests, its label rows."""
-    beton: Path
-    labels: np.ndarray          # (n, L_old) uint8
-    source_index: np.ndarray    # (n,) int64
-    images: StoredImages
-    image_digests: np.ndarray   # (n, 16) uint8
-    paths: Optional[List[str]]  # image-list: each item's image file
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def largest_image_bytes(self) -> int:
-        return int(self.images.sizes.max()) if len(self.labels) else 0
 
 
 @dataclass
@@ -357,58 +281,6 @@ def check_same_sources(old: OldPreparation, sources: List[dict], args) -> None:
         raise ValueError(f"--root {args.root}: the {args.dataset} source files differ from those --extends "
                          f"{old.root} was prepared from ({', '.join(differing)}); a class round takes its new "
                          f"classes from the same source")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Writing NEW
-
-
-class RoundItems:
-    """What FFCV's writer workers index for one part of NEW: (image, labels (L_new,), position).
-
-    Positions [0, n) serve OLD's items: a StoredImage (OLD's stored bytes, read through a memory map that
-    each worker opens for itself) and OLD's label row padded with 0 for the new classes. Positions n.. serve
-    this round's items through `new` (a WriterItems: resized, bad images flagged)."""
-
-    def __init__(self, inherited: InheritedPart, new: WriterItems, width: int, num_workers: int):
-        self.inherited = inherited
-        self.new = new
-        self.labels = widened(inherited.labels, width)
-        self.workers = WorkerTable(num_workers)
-        self.mapped = None
-        self.mapped_by = None
-
-    def __len__(self) -> int:
-        return len(self.inherited) + len(self.new)
-
-    def describe(self, position: int) -> str:
-        if position < len(self.inherited):
-            return f"item {position} of {self.inherited.beton} (inherited)"
-        return self.new.describe(position - len(self.inherited))
-
-    def __getitem__(self, position: int):
-        self.workers.record(position)
-        if position < len(self.inherited):
-            return self.stored_image(position), self.labels[position], position
-        image, labels, _ = self.new.item(position - len(self.inherited))
-        return image, labels, position
-
-    def stored_image(self, row: int) -> StoredImage:
-        if self.mapped_by != os.getpid():   # a forked worker maps the file itself
-            self.mapped = np.memmap(self.inherited.beton, dtype=np.uint8, mode="r")
-            self.mapped_by = os.getpid()
-        images = self.inherited.images
-        start = int(images.pointers[row])
-        header = images.headers[row]
-        return StoredImage(int(header["mode"]), int(header["height"]), int(header["width"]),
-                           np.asarray(self.mapped[start:start + int(images.sizes[row])]))
-
-
-def widened(labels: np.ndarray, width: int) -> np.ndarray:
-    """Label rows padded with 0 up to `width` classes."""
-    padded = np.zeros((len(labels), width), dtype=np.uint8)
-    padded[:, :labels.shape[1]] = labels
-    return padded
 
 
 def write_round(folder: Path, dataset: SourceDataset, old: OldPreparation, plan: RoundPlan, args, side,

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
 import torchvision
+from torch import nn
 
 ARCHITECTURES = ("alexnet", "resnet50", "small-cnn")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -7,14 +7,15 @@ branches on rank to report something.
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 from typing import Dict
 
 import torch
 from loguru import logger
 
-from . import dist
-from .formats import STAGE_SHORT_TITLES
+from ..common.formats import STAGE_SHORT_TITLES
+from ..distributed import comm
 from .runfolder import RunFolder
 
 
@@ -25,10 +26,10 @@ def logging_to(run: RunFolder, debug: bool):
     level = "DEBUG" if debug else "INFO"
     logger.remove()
     sinks = []
-    if dist.context().is_main:
+    if comm.context().is_main:
         logger.add(sys.stderr, level=level, format="<green>{time:HH:mm:ss}</green> | {level: <7} | {message}")
         sinks.append(logger.add(run.path("train.log"), level=level))
-    sinks.append(logger.add(run.path("logs", f"rank{dist.context().rank}.log"), level="DEBUG"))
+    sinks.append(logger.add(run.path("logs", f"rank{comm.context().rank}.log"), level="DEBUG"))
     try:
         yield
     finally:
@@ -41,7 +42,7 @@ class Reporter:
 
     def __init__(self, run: RunFolder):
         self.writer = None
-        if dist.context().is_main:
+        if comm.context().is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run.path("tensorboard")))
 
@@ -64,16 +65,49 @@ class Reporter:
             self.writer.close()
 
 
+class IterationClock:
+    """The wall-clock phases of one outer iteration. A lap first waits for the device's queued work, so that
+    it measures that work (CUDA runs asynchronously)."""
+
+    def __init__(self):
+        self.started = self.last = time.perf_counter()
+        self.laps: Dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        comm.synchronize()
+        now = time.perf_counter()
+        self.laps[f"{phase}_s"] = now - self.last
+        self.last = now
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def iteration_record(iteration: int, lr: float, losses: Dict[str, float], clock: IterationClock,
+                     code_update: Dict[str, float], images: int, device: torch.device) -> dict:
+    """What the history, TensorBoard and the log keep of one outer iteration."""
+    record = {"iteration": iteration, "lr": lr, **losses, **clock.laps, **code_update}
+    record["images_per_s"] = images / record["train_s"]
+    if device.type == "cuda":
+        record["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return record
+
+
+def evaluation_record(row: dict, times: Dict[str, float]) -> dict:
+    """An evaluation during the stage (--eval-every): the row's metrics as eval_*, and its times."""
+    return {**{f"eval_{k}": v for k, v in row.items() if isinstance(v, float)}, **times, "eval_s": sum(times.values())}
+
+
 def progress(iterable, total: int, description: str):
     """A tqdm bar on rank 0 in a terminal; elsewhere (other ranks, Slurm logs) the plain iterable."""
-    if dist.context().is_main and sys.stderr.isatty():
+    if comm.context().is_main and sys.stderr.isatty():
         from tqdm import tqdm
         return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
     return iterable
 
 
 def log_start(config, data, run: RunFolder, warning=None) -> None:
-    ctx = dist.context()
+    ctx = comm.context()
     if warning:
         logger.warning(warning)
     logger.info(f"dihn_dist: {ctx.world_size} process(es) on {ctx.device} ({torch.get_num_threads()} torch threads, "
@@ -90,7 +124,7 @@ def log_iteration(stage: str, iteration: int, max_iter: int, record: dict) -> No
 
 def print_table(results: Dict[str, dict]) -> None:
     """The comparison table of the run's finished stages (rank 0 only)."""
-    if not dist.context().is_main:
+    if not comm.context().is_main:
         return
     fmt = lambda v: f"{v:8.4f}" if isinstance(v, float) else f"{'-':>8}"  # noqa: E731
     lines = [f"{'row':<16} {'mAP@ALL':>8} {'mAP@k':>8} {'orig q':>8} {'incr q':>8} {'time s':>8}"]

@@ -38,7 +38,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .formats import PREPARED_FORMAT, RUN_FORMAT, STAGES, train_command
+from ..common.codes import unpack_codes
+from ..common.formats import ORIGINAL, PREPARED_FORMAT, RUN_FORMAT, STAGES, train_command
 
 # The prepared-data format versions this reader understands.
 PREPARED_FORMAT_VERSIONS = (1, 2)
@@ -104,7 +105,7 @@ class ExportedRun:
 
     def stage_rows(self, stage: str) -> int:
         """Database rows a stage's codes cover."""
-        return self.num_original if stage == "original" else int(self.database_labels.shape[0])
+        return self.num_original if stage == ORIGINAL else int(self.database_labels.shape[0])
 
     def stage(self, name: str) -> StageExport:
         return load_stage(self, name)
@@ -185,11 +186,6 @@ def load_run(run_dir) -> ExportedRun:
     query_labels = read_array(root / "query_labels.npy", hint, np.uint8, (int(manifest["num_query"]), num_classes))
     return ExportedRun(root, config, manifest, database_labels, query_labels)
 
-
-def unpack_codes(packed: np.ndarray, code_length: int) -> np.ndarray:
-    """np.packbits rows -> int8 +-1 codes (rows, code_length)."""
-    bits = np.unpackbits(packed, axis=1, count=code_length)
-    return (bits.astype(np.int8) * 2 - 1).astype(np.int8)
 
 
 def stage_rewrite_hint(run: ExportedRun, stage: str) -> str:

@@ -1,0 +1,1 @@
+"""The hashing networks and mixed precision (`networks`) and the seeded device augmentation (`augment`)."""

@@ -1,0 +1,368 @@
+"""python -m dihn_dist.train: ADSH on the original classes (stage 1), then DIHN for the new ones (stage 2).
+
+Each stage is Algorithm 1 of the paper (`StageTraining.fit`):
+
+    codes = the frozen rows' codes (B_old in stage 2) + random codes for the rows being learned
+    for each outer iteration:
+        sample m database items          (seeded by seed, stage and iteration: the same on every rank)
+        train the CNN on them for E epochs, codes fixed; keep the last epoch's outputs U
+        gather U on rank 0, which updates the learned codes by DCC and broadcasts them (bit-packed)
+        checkpoint (atomic); stop here if SIGTERM arrived
+    encode the queries, evaluate, export the stage
+
+Stage 2 learns only the incremental items' codes B_new; B_old stays bit-identical (checked by checksum
+before and after). Under torchrun every rank runs this same code: dist.py owns the communication, and
+runfolder.py and reporting.py write on rank 0 only.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from loguru import logger
+
+from ..common.formats import INCREMENTAL, ORIGINAL
+from ..data.loader import TrainLoader, batch_schedule, eval_batches, global_batch_bounds
+from ..data.prepared import PreparedData, load_prepared
+from ..distributed import comm, machine
+from ..method import dcc, hashing, metrics
+from ..models import augment
+from ..models.networks import (
+    MixedPrecision,
+    build_model,
+    encode_batches,
+    input_resolution,
+    untrained_backbone_warning,
+    use_channels_last,
+)
+from .config import Config
+from .reporting import (
+    IterationClock,
+    Reporter,
+    evaluation_record,
+    iteration_record,
+    log_iteration,
+    log_start,
+    logging_to,
+    print_table,
+    progress,
+)
+from .runfolder import RunFolder, codes_checksum, load_old_codes
+from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_generator, stage_spec
+
+
+def train(config: Config) -> int:
+    """Check every input, then run the configured stages in order and report every finished one."""
+    data, run = check_inputs(config)  # nothing is written before this returns
+    run.create(config, data)
+    torch.autograd.set_detect_anomaly(config.debug)
+    with logging_to(run, config.debug), Reporter(run) as reporter:
+        log_start(config, data, run, untrained_backbone_warning(config.arch, config.pretrained))
+        for name in config.stage:
+            run_stage(name, config, data, run, reporter)
+        summary = run.write_metrics()
+        print_table(summary["stages"])
+        reporter.hparams(config.to_json(), {f"{r['stage']}_map_all": r["map_all"] for r in summary["rows"]})
+    return 0
+
+
+def check_inputs(config: Config):
+    """Everything that can be wrong with the command, checked before the run folder is touched, so that a
+    failed start leaves nothing behind that would block the corrected command."""
+    ctx = comm.context()
+    if config.num_workers is None:
+        config.num_workers = machine.cpu_share(ctx.local_world_size)
+    data = load_data(config)
+    run = RunFolder(config.out)
+    run.check_resume(config, data.manifest)
+    if config.batch_size < ctx.world_size:
+        raise ValueError(f"--batch-size {config.batch_size}: the global batch must hold at least one item per "
+                         f"process ({ctx.world_size} processes)")
+    for name in config.stage:
+        stage = stage_spec(name, config, data)
+        if not ctx.world_size <= config.num_samples <= stage.num_database:
+            raise ValueError(f"--num-samples {config.num_samples}: expected {ctx.world_size}..{stage.num_database} "
+                             f"(the database of stage {name} has {stage.num_database} items)")
+    if INCREMENTAL in config.stage and data.num_database == data.num_original:
+        raise ValueError(f"--stage incremental: --data {data.root} has no new items (all {data.num_database} "
+                         f"database rows are inherited); prepare the next round with prepare --extends")
+    if INCREMENTAL in config.stage and ORIGINAL not in config.stage and not run.stage_complete(INCREMENTAL):
+        load_old_codes(config, data, run)
+    build_model(config.arch, config.code_length, config.pretrained)  # a bad --pretrained file fails here
+    return data, run
+
+
+def load_data(config: Config) -> PreparedData:
+    try:
+        return load_prepared(config.data, dataset=config.dataset, num_seen=config.num_seen)
+    except FileNotFoundError as missing:
+        if config.root:  # the reference CLI's --dataset/--root: say exactly how to prepare them
+            raise FileNotFoundError(f"{missing}; with --root given: python -m dihn_dist.prepare --dataset "
+                                    f"{config.dataset or 'DATASET'} --root {config.root} --out {config.data}") from None
+        raise
+
+
+def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, reporter: Reporter) -> dict:
+    """One stage from its start (or its checkpoint) to its exported codes."""
+    if run.stage_complete(name):
+        logger.info(f"stage {name}: already complete in {run.root}, skipped")
+        return run.read_json(name, "result.json")
+    stage = stage_spec(name, config, data)
+    frozen = load_old_codes(config, data, run) if name == INCREMENTAL else None
+    training = StageTraining(stage, config, data, run, reporter, initial_codes(stage, config, frozen))
+    logger.info(f"stage {name}: {stage.num_database} database items ({stage.num_frozen} frozen), "
+                f"{config.max_iter} outer iterations x {config.max_epoch} epochs x {config.num_samples} samples")
+    result, query_codes = training.fit()
+    model_state = {k: v.detach().cpu() for k, v in comm.unwrap(training.model).state_dict().items()}
+    run.save_stage(name, model_state, training.codes, query_codes, result)
+    logger.info(f"stage {name}: {result['row']}")
+    return result
+
+
+class StageTraining:
+    """The network, optimizer, loader and codes of one stage, and the outer loop over them."""
+
+    def __init__(self, stage: Stage, config: Config, data: PreparedData, run: RunFolder, reporter: Reporter,
+                 codes: torch.Tensor):
+        ctx = comm.context()
+        self.stage, self.config, self.data, self.run, self.reporter = stage, config, data, run, reporter
+        self.resolution = input_resolution(config.arch, config.resolution, data.image_size)
+        torch.manual_seed(config.seed * 1000 + stage.seed_key)  # the same initial weights on every rank
+        network = build_model(config.arch, config.code_length, config.pretrained).to(ctx.device)
+        self.channels_last = use_channels_last(config.channels_last, ctx.device)
+        if self.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        self.model = torch.compile(comm.wrap(network)) if config.compile else comm.wrap(network)
+        # Dropout (alexnet) draws from here: each rank its own masks, as separate GPUs would.
+        torch.manual_seed(seed_of(config.seed, stage.seed_key, ctx.rank))
+        self.precision = MixedPrecision(config.precision, ctx.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=stage.lr_decay)
+        self.codes = codes.to(ctx.device, torch.float32)
+        self.labels = torch.from_numpy(data.database_labels[:stage.num_database]).to(ctx.device, torch.float32)
+        # The hash term, r and DCC see database items only through their label patterns: found once a stage.
+        self.patterns, self.pattern_of_row = hashing.label_patterns(self.labels)
+        self.learned_patterns = hashing.label_patterns(self.labels[stage.num_frozen:])
+        self.history, self.next_iteration, self.elapsed_s = [], 0, 0.0
+        share = len(batch_schedule(np.arange(config.num_samples), config.batch_size, ctx.world_size, ctx.rank)[0])
+        self.loader = TrainLoader(data, batch_size=-(-config.batch_size // ctx.world_size), length=share,
+                                  resolution=self.resolution, device=ctx.device, num_workers=config.num_workers)
+        if config.resume:
+            self.restore()
+
+    def fit(self):
+        """The outer iterations of Algorithm 1, then the stage's evaluation and result."""
+        stage, config = self.stage, self.config
+        frozen_before = codes_checksum(self.codes[:stage.num_frozen])
+        for iteration in range(self.next_iteration, config.max_iter):
+            clock = IterationClock()
+            inject_failure(iteration, self.model)
+            sample = sample_positions(config.seed, stage, iteration, config.num_samples)
+            r = self.similarity_offset(sample) if config.soft_similarity else None
+            outputs, positions, losses = self.train_on_sample(sample, r, iteration)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            clock.lap("train")
+            code_update = self.update_codes(outputs, positions, r, clock)
+            record = iteration_record(iteration, lr, losses, clock, code_update,
+                                      images=config.num_samples * config.max_epoch, device=self.codes.device)
+            if self.evaluates_after(iteration):
+                row, _, times = self.evaluate()
+                record.update(evaluation_record(row, times))
+            self.end_iteration(iteration, record, clock.elapsed())
+        frozen_after = codes_checksum(self.codes[:stage.num_frozen])
+        if frozen_after != frozen_before:
+            raise RuntimeError(f"stage {stage.name}: the frozen codes changed ({frozen_before} -> {frozen_after})")
+        row, query_codes, times = self.evaluate()
+        return {"stage": stage.name, "row": row, "iterations": self.history, "train_time_s": self.elapsed_s,
+                "final_eval": times,
+                "frozen_rows": stage.num_frozen, "frozen_checksum_before": frozen_before,
+                "frozen_checksum_after": frozen_after, "codes_checksum": codes_checksum(self.codes),
+                "resolution": self.resolution}, query_codes
+
+    def similarity_offset(self, sample: torch.Tensor) -> float:
+        """r of the soft similarity S*(1+r)-r over this sample and the stage's database."""
+        return hashing.soft_similarity_offset(self.labels[sample], self.labels,
+                                              db_patterns=(self.patterns, self.pattern_of_row))
+
+    def evaluates_after(self, iteration: int) -> bool:
+        """--eval-every: an evaluation after this outer iteration (the last one is the stage's own evaluation)."""
+        every = self.config.eval_every
+        return bool(every) and (iteration + 1) % every == 0 and iteration + 1 < self.config.max_iter
+
+    def end_iteration(self, iteration: int, record: dict, elapsed_s: float) -> None:
+        """The per-iteration bookkeeping: history, TensorBoard, log line, checkpoint, agreed stop."""
+        self.elapsed_s += elapsed_s
+        self.history.append(record)
+        self.next_iteration = iteration + 1
+        self.reporter.scalars(self.stage.name, {k: v for k, v in record.items() if k != "iteration"}, iteration)
+        log_iteration(self.stage.name, iteration, self.config.max_iter, record)
+        started = time.perf_counter()
+        self.checkpoint()
+        record["checkpoint_s"] = time.perf_counter() - started  # in the history from the next checkpoint on
+        comm.check_stop(f"outer iteration {iteration + 1} of stage {self.stage.name}")
+
+    def train_on_sample(self, sample: torch.Tensor, r: Optional[float], iteration: int):
+        """--max-epoch epochs over the sample with the codes fixed.
+
+        Returns this rank's outputs U of the last epoch with their database positions, and the loss terms
+        summed over every rank (per item and database entry, for reporting). The hash term's statistics
+        of the fixed codes are computed once here (on every rank: the codes are the same everywhere), so a
+        step costs O(batch c^2) whatever the database size. Everything a step needs from the host (its
+        positions, its augmentation) moves to the device once per epoch, so a step never waits for the
+        host; the loss totals are checked for NaN/inf once per epoch, on every rank alike.
+        """
+        ctx, config, stage = comm.context(), self.config, self.stage
+        num_samples, n = sample.shape[0], stage.num_database
+        stats = hashing.hash_term_stats(self.codes, self.patterns, self.pattern_of_row, r)
+        global_sizes = [end - start
+                        for start, end in global_batch_bounds(num_samples, config.batch_size, ctx.world_size)]
+        by_position = np.argsort(sample.numpy())  # the slot of a position, without an n-sized table
+        slot_of = lambda positions: by_position[np.searchsorted(sample.numpy()[by_position], positions)]  # noqa
+        totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # hash, quantization, balance
+        for epoch in range(config.max_epoch):
+            generator = seeded_generator(config.seed, stage.seed_key, iteration, epoch)
+            order = sample[torch.randperm(num_samples, generator=generator)].numpy()
+            augment_params = augment.draw_params(generator, num_samples, config.augment)
+            positions, step_sizes = batch_schedule(order, config.batch_size, ctx.world_size, ctx.rank)
+            params = augment_params[slot_of(positions)].to(ctx.device)
+            on_device = torch.from_numpy(positions).to(ctx.device)
+            batch_patterns = self.pattern_of_row[on_device]
+            starts = np.cumsum([0] + step_sizes)
+            self.loader.set_order(positions, step_sizes)
+            epoch_totals, kept_outputs = torch.zeros_like(totals), []
+            for step, (images, _, _) in enumerate(progress(self.loader, len(step_sizes),
+                                                           f"{stage.name} it {iteration + 1} epoch {epoch + 1}")):
+                batch = slice(starts[step], starts[step + 1])
+                if config.augment != "none":
+                    images = augment.apply(images, params[batch])
+                if self.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with self.precision.autocast():
+                    outputs = self.model(images).float()
+                bit_sums = comm.differentiable_all_reduce_sum(outputs.sum(dim=0)) if stage.mu > 0 else None
+                hash_term = hashing.factorized_hash_loss(outputs, batch_patterns[batch], stats)
+                loss, terms = hashing.batch_loss(outputs, hash_term, self.codes[on_device[batch]], bit_sums,
+                                                 gamma=config.gamma, mu=stage.mu, num_database=n,
+                                                 global_batch=global_sizes[step], world_size=ctx.world_size)
+                self.precision.step(loss, self.optimizer)
+                epoch_totals += torch.stack([terms["hash"], terms["quantization"],
+                                             terms["balance"] / ctx.world_size]).detach()
+                kept_outputs.append(outputs.detach())
+            totals += self.check_finite(comm.all_reduce_sum(epoch_totals), iteration, epoch)
+        hash_total, quantization, balance = (totals / (num_samples * config.max_epoch * n)).tolist()
+        losses = {"loss_hash": hash_total, "loss_quantization": config.gamma * quantization,
+                  "loss_balance": stage.mu * balance}
+        losses["loss_total"] = sum(losses.values())
+        return torch.cat(kept_outputs), on_device, losses
+
+    def check_finite(self, epoch_totals: torch.Tensor, iteration: int, epoch: int) -> torch.Tensor:
+        """The epoch's loss totals (summed over every rank, so every rank decides alike), or the error."""
+        if not bool(torch.isfinite(epoch_totals).all()):
+            hash_total, quantization, balance = epoch_totals.tolist()
+            raise FloatingPointError(
+                f"stage {self.stage.name}, iteration {iteration + 1}, epoch {epoch + 1}: non-finite loss (hash "
+                f"{hash_total:.4g}, quantization {quantization:.4g}, balance {balance:.4g}); the last good "
+                f"checkpoint is kept")
+        return epoch_totals
+
+    def update_codes(self, outputs: torch.Tensor, positions: torch.Tensor, r: Optional[float],
+                     clock: IterationClock) -> dict:
+        """Every rank's U gathered; rank 0 solves DCC for the learned rows and every rank receives the new codes
+        packed. Laps the clock (gather, dcc, broadcast); returns what the update sent and changed."""
+        stage, codes = self.stage, self.codes
+        all_outputs, all_positions = comm.gather_rows(outputs.float()), comm.gather_rows(positions)
+        clock.lap("gather")
+        learned_before = codes[stage.num_frozen:]
+        learned_rows = all_positions - stage.num_frozen  # negative: a sampled frozen row
+
+        def solve() -> torch.Tensor:
+            return dcc.solve_dcc(learned_before, all_outputs, self.labels[all_positions],
+                                 self.labels[stage.num_frozen:], torch.where(learned_rows >= 0, learned_rows, -1),
+                                 self.config.gamma, r, db_patterns=self.learned_patterns)
+
+        def receive(solved: Optional[torch.Tensor]):
+            clock.lap("dcc")  # on rank 0 the solve; the other ranks wait for it in the broadcast
+            return comm.broadcast_codes(solved, learned_before.shape[0], self.config.code_length)
+
+        learned, sent = comm.rank0_computes(solve, receive)
+        clock.lap("broadcast")
+        learned = learned.to(codes.dtype)
+        changed = (learned != learned_before).float().mean().item()
+        codes[stage.num_frozen:] = learned
+        return {"broadcast_bytes": sent, "bits_changed": changed,
+                # 0 when every bit splits the learned codes half and half, 1 when a bit is constant
+                "bit_imbalance": learned.float().mean(dim=0).abs().mean().item()}
+
+    def evaluate(self):
+        """The stage's retrieval row (the same on every rank): its model's query codes against its codes.
+        Returns (row, query codes, the times of the sharded query encoding and of rank 0's metrics)."""
+        started = time.perf_counter()
+        query_codes = encode(self.model, self.data, "query", self.config, self.resolution, self.precision)
+        encoded = time.perf_counter()  # encode ends in a gather: every rank's shard is done
+        query_labels = torch.from_numpy(self.data.query_labels).to(query_codes.device)
+        row = comm.rank0_computes(lambda: metrics.retrieval_row(
+            query_codes, self.codes.to(torch.int8), query_labels, self.labels, self.data.num_seen, self.config.topk,
+            self.config.precision_k))
+        return row, query_codes, {"eval_encode_s": encoded - started, "eval_metrics_s": time.perf_counter() - encoded}
+
+    def checkpoint(self) -> None:
+        rng = comm.gather_rng_states()
+        self.run.save_checkpoint(self.stage.name, {
+            "stage": self.stage.name, "iteration": self.next_iteration - 1, "model": comm.unwrap(self.model),
+            "optimizer": self.optimizer, "scheduler": self.scheduler, "codes": self.codes.to("cpu", torch.int8),
+            "history": self.history, "elapsed_s": self.elapsed_s, "rng": rng,
+            "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None})
+
+    def restore(self) -> None:
+        checkpoint = self.run.restore_checkpoint(self.stage.name, model=comm.unwrap(self.model),
+                                                 optimizer=self.optimizer, scheduler=self.scheduler)
+        if checkpoint is None:
+            return
+        self.codes = checkpoint["codes"].to(self.codes.device, torch.float32)
+        self.history, self.elapsed_s = checkpoint["history"], checkpoint["elapsed_s"]
+        self.next_iteration = checkpoint["iteration"] + 1
+        if self.precision.scaler is not None and checkpoint.get("scaler"):
+            self.precision.scaler.load_state_dict(checkpoint["scaler"])
+        if not comm.restore_rng_states(checkpoint["rng"]):
+            logger.warning(f"stage {self.stage.name}: the checkpoint comes from {len(checkpoint['rng'])} process(es), "
+                           f"this run has {comm.context().world_size}: dropout masks will differ from an "
+                           f"uninterrupted run's")
+        logger.info(f"stage {self.stage.name}: resumed after iteration {checkpoint['iteration']}")
+
+
+def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config, resolution: int,
+           precision: MixedPrecision) -> torch.Tensor:
+    """int8 codes of every row of a part (query/database), each rank encoding a contiguous shard."""
+    ctx = comm.context()
+    count = data.num_query if part == "query" else data.num_database
+    shard = np.array_split(np.arange(count), ctx.world_size)[ctx.rank]
+    batch_size = max(config.batch_size, 256)
+    batches = eval_batches(data, part, batch_size=batch_size, resolution=resolution, device=ctx.device,
+                           num_workers=config.num_workers, indices=shard)
+    local = encode_batches(comm.unwrap(model), progress(batches, -(-len(shard) // batch_size), f"encoding {part}"),
+                           precision.autocast)
+    if local is None:  # more ranks than rows
+        local = torch.empty(0, config.code_length, dtype=torch.int8, device=ctx.device)
+    return comm.gather_rows(local).to(ctx.device)
+
+
+def inject_failure(iteration: int, model: torch.nn.Module) -> None:
+    """Fault injection for the tests: DIHN_FAIL_AT="rank=R,iteration=I[,kind=nan]" raises on rank R at
+    iteration I, or with kind=nan poisons that rank's weights so that only its loss turns non-finite."""
+    spec = os.environ.get("DIHN_FAIL_AT")
+    if not spec:
+        return
+    target = dict(item.split("=") for item in spec.split(","))
+    if int(target["rank"]) != comm.context().rank or int(target["iteration"]) != iteration + 1:
+        return
+    if target.get("kind") == "nan":
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return
+    raise RuntimeError(f"injected failure (DIHN_FAIL_AT={spec}) on rank {comm.context().rank}")
+
+
