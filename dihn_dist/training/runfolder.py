@@ -46,7 +46,7 @@ from ..common.formats import (
 )
 from ..distributed import comm
 from ..method.hashing import check_codes
-from .run_reader import load_codes_file
+from .run_reader import load_codes_file, load_run
 
 
 def atomic_save_numpy(path: Path, array: np.ndarray) -> None:
@@ -232,19 +232,6 @@ class RunFolder:
     # ------------------------------------------------------------------------------------------------
     # Reading
 
-    def load_stage(self, stage: str) -> dict:
-        """A finished stage: model state, database codes (int8 tensor), query codes and its result."""
-        folder = self.path(stage)
-        if not self.stage_complete(stage):
-            raise FileNotFoundError(f"{folder}: stage {stage!r} is not complete (no result.json); run "
-                                    f"{train_command(self.root, stage)}")
-        return {
-            "model": torch.load(folder / "model.pt", map_location="cpu", weights_only=True),
-            "database_codes": torch.from_numpy(np.load(folder / "database_codes.npy")),
-            "query_codes": torch.from_numpy(np.load(folder / "query_codes.npy")),
-            "result": json.loads((folder / "result.json").read_text()),
-        }
-
     def restore_checkpoint(self, stage: str, **objects) -> Optional[dict]:
         """Load a stage's checkpoint into the given objects (each by load_state_dict); return the whole
         checkpoint for its plain values, or None when the stage has none."""
@@ -280,8 +267,8 @@ def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
             raise FileNotFoundError(
                 f"{source.root}: has no finished {stage} stage, which stage 2 starts from; run --stage {stage} "
                 f"first, or pass --old-run RUN_DIR of a run that has one (or --old-codes FILE)")
-        name = f"{source.root}/{stage}/database_codes.npy"
-        codes = source.load_stage(stage)["database_codes"]
+        name = f"{source.root}/{stage}/database_codes.packed.npy"
+        codes = torch.from_numpy(load_run(source.root).stage(stage).database_codes)
     if tuple(codes.shape) != (data.num_original, config.code_length):
         raise ValueError(f"{name}: expected ({data.num_original}, {config.code_length}) codes, one per inherited "
                          f"database row of --data {data.root}, found {tuple(codes.shape)}")

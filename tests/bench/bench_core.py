@@ -26,12 +26,18 @@ import os
 import statistics
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 from benchkit import table
 
-from dihn_dist.method import dcc
-from dihn_dist.method import hashing as H
-from dihn_dist.method import metrics as M
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the dense oracles
+import oracles  # noqa: E402
+
+from dihn_dist.method import dcc  # noqa: E402
+from dihn_dist.method import hashing as H  # noqa: E402
+from dihn_dist.method import metrics as M  # noqa: E402
 
 
 def parse_args():
@@ -67,7 +73,7 @@ def timed(fn, device, repeats=1):
 def reference_dcc(B, U, sample_labels, db_labels, sample_pos, gamma, r):
     """The reference formulation (dense S, per bit torch.cat then (B' U'^T) u: an n x m temporary per bit)."""
     code_length = B.shape[1]
-    S = H.similarity(sample_labels, db_labels, r)  # dense m x n float
+    S = oracles.similarity(sample_labels, db_labels, r)  # dense m x n float
     ubar = torch.zeros(B.shape[0], code_length, device=U.device)
     inside = sample_pos >= 0
     ubar[sample_pos[inside]] = U[inside]

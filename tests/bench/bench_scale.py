@@ -54,12 +54,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # This checkout's dihn_dist, also when the virtual environment has another checkout installed.
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the dense oracles
 
 import nus_synth  # noqa: E402
+import oracles  # noqa: E402
 from benchkit import table  # noqa: E402
 from nus_synth import FULL_DATABASE, FULL_QUERY_PER_TAG  # noqa: E402
 
-from dihn_dist.method import dcc
+from dihn_dist.method import dcc  # noqa: E402
 
 POLL_S = 0.5
 GIB = 2 ** 30
@@ -628,8 +630,8 @@ def _hash_term_child(rows: int, batch: int, seed: int, threads: int, repeats: in
         else:
             def dense_step():
                 outputs.grad = None
-                similarity = hashing.similarity(labels[positions], labels, r)
-                loss = hashing.pairwise_hash_loss(outputs, codes, similarity, 48)
+                similarity = oracles.similarity(labels[positions], labels, r)
+                loss = oracles.pairwise_hash_loss(outputs, codes, similarity, 48)
                 loss.backward()
                 return loss.item()
 
