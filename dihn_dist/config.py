@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .augment import AUGMENTATIONS, resolve as resolve_augment
+from .dist import context as process_context, cpu_share
 from .formats import STAGES
 from .models import ARCHITECTURES, PRECISIONS, SWITCHES
 
@@ -63,6 +64,11 @@ class Config:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def loader_threads(self) -> int:
+        """FFCV loader threads of this process: --num-workers, else its share of the node's CPUs."""
+        return self.num_workers or cpu_share(process_context().local_world_size)
 
 
 # Fields that must not change when a run is resumed: they decide what the run computes. (The data is

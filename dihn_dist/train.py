@@ -76,8 +76,6 @@ def check_inputs(config: Config):
     """Everything that can be wrong with the command, checked before the run folder is touched, so that a
     failed start leaves nothing behind that would block the corrected command."""
     ctx = dist.context()
-    if config.num_workers is None:
-        config.num_workers = dist.cpu_share(ctx.local_world_size)
     data = load_data(config)
     run = RunFolder(config.out)
     run.check_resume(config, data.manifest)
@@ -152,7 +150,7 @@ class StageTraining:
         self.history, self.next_iteration, self.elapsed_s = [], 0, 0.0
         share = len(batch_schedule(np.arange(config.num_samples), config.batch_size, ctx.world_size, ctx.rank)[0])
         self.loader = TrainLoader(data, batch_size=-(-config.batch_size // ctx.world_size), length=share,
-                                  resolution=self.resolution, device=ctx.device, num_workers=config.num_workers)
+                                  resolution=self.resolution, device=ctx.device, num_workers=config.loader_threads)
         if config.resume:
             self.restore()
 
@@ -336,7 +334,7 @@ def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config
     shard = np.array_split(np.arange(count), ctx.world_size)[ctx.rank]
     batch_size = max(config.batch_size, 256)
     batches = eval_batches(data, part, batch_size=batch_size, resolution=resolution, device=ctx.device,
-                           num_workers=config.num_workers, indices=shard)
+                           num_workers=config.loader_threads, indices=shard)
     local = encode_batches(dist.unwrap(model), progress(batches, -(-len(shard) // batch_size), f"encoding {part}"),
                            precision.autocast)
     if local is None:  # more ranks than rows
