@@ -288,10 +288,10 @@ def _add_option(parser: argparse.ArgumentParser, name: str) -> None:
     if kind is bool:
         kwargs.update(action="store_const", const=True if spec.const is None else spec.const)
     elif spec.parse is not None:
-        kwargs.update(type=_argument_type(spec.parse), metavar=name.upper())
+        kwargs.update(type=_argument_type(spec.parse))
     else:
-        # choices are checked by validate, as for config-file values, so both give the same error
-        kwargs.update(type=kind, metavar="{" + ",".join(spec.choices) + "}" if spec.choices else name.upper())
+        # argparse refuses a flag's value outside the choices (its usage error); validate refuses a file's
+        kwargs.update(type=kind, choices=spec.choices)
     parser.add_argument(flag(name), **kwargs)
 
 
