@@ -11,7 +11,6 @@ cd "$REPO_ROOT"
 DATA="${DIHN_DATA:-$REPO_ROOT/data/fashion-mnist}"
 OUT="${DIHN_OUT:-$REPO_ROOT/runs/demo}"
 run python -m dihn_dist.prepare --dataset fashion-mnist --out "$DATA"
-run python -m dihn_dist.train --data "$DATA" --out "$OUT" --resume \
-  --arch small-cnn --code-length 12 --max-iter 20 --max-epoch 3 --num-samples 2000 --batch-size 64 \
-  --lr 1e-3 --eval-every 2 --stage original,incremental,retrain "$@"
+# The settings are in launch/demo.yaml; flags given here (and in "$@") override the file.
+run python -m dihn_dist.train --config "$REPO_ROOT/launch/demo.yaml" --data "$DATA" --out "$OUT" --resume "$@"
 echo "Run folder: $OUT (metrics.json, codes, models, logs; TensorBoard: tensorboard --logdir $OUT)"

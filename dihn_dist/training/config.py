@@ -5,83 +5,59 @@ Flag names and defaults of the reference CLI are kept (--batch-size 64, --lr 1e-
 --batch-size is the global batch: under torchrun each process takes its share, so the same command
 follows the same trajectory on 1 or N processes. A --config file (JSON or YAML) supplies defaults; flags
 given on the command line override it. Every value is checked by type and range before anything runs.
+
+Each setting is declared once, as a field of `Config` made by `option(...)`: its default, help text,
+range or choices, and whether a resumed run must keep it. The command line (`build_parser`), the
+config-file keys (`load_config_file`), the checks (`validate`) and `RESUME_INVARIANTS` are all derived
+from those declarations, so a value breaking a range gets the same one-line error from either source.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..common.formats import STAGES
+from ..common.formats import DIHN_STAGES, STAGES
+from ..distributed.comm import context as process_context
+from ..distributed.machine import cpu_share
 from ..models.augment import AUGMENTATIONS
 from ..models.augment import resolve as resolve_augment
 from ..models.networks import ARCHITECTURES, PRECISIONS, SWITCHES
 
 
-@dataclass
-class Config:
-    data: Optional[str] = None  # default: data/<dataset>, data/fashion-mnist without --dataset
-    dataset: Optional[str] = None
-    root: Optional[str] = None
-    out: str = "runs/dihn"
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    code_length: int = 12
-    max_iter: int = 50
-    max_epoch: int = 3
-    num_seen: Optional[int] = None
-    num_samples: int = 2000
-    num_workers: Optional[int] = None
-    topk: Optional[int] = None
-    gamma: float = 200.0
-    mu: float = 50.0
-    lr_decay_original: float = 0.9
-    lr_decay_incremental: float = 0.91
-    soft_similarity: bool = True
-    seed: int = 0
-    device: str = "auto"
-    arch: str = "alexnet"
-    pretrained: str = "none"
-    resolution: Optional[int] = None
-    augment: str = "auto"  # resolved from --arch by parse_config (augment.resolve)
-    stage: List[str] = field(default_factory=lambda: ["original", "incremental"])
-    old_run: Optional[str] = None
-    old_stage: Optional[str] = None
-    old_codes: Optional[str] = None
-    eval_every: int = 0
-    precision_k: int = 1000
-    collective_timeout: float = 1800.0
-    precision: str = "auto"
-    channels_last: str = "auto"
-    compile: bool = False
-    deterministic: bool = False
-    resume: bool = False
-    debug: bool = False
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-# Fields that must not change when a run is resumed: they decide what the run computes. (The data is
-# checked by its manifest and fingerprints, not by its path, so a moved data folder can still resume.)
-RESUME_INVARIANTS = ("batch_size", "lr", "weight_decay", "code_length", "max_iter", "max_epoch",
-                     "num_samples", "gamma", "mu", "lr_decay_original", "lr_decay_incremental",
-                     "soft_similarity", "seed", "arch", "pretrained", "resolution", "augment", "old_run",
-                     "old_stage", "old_codes", "precision")
-
-DEBUG_DEFAULTS = {"max_iter": 2, "max_epoch": 1, "num_samples": 200}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 # ----------------------------------------------------------------------------------------------------
-# Parsing values (shared by the command line and config files)
+# Declaring a setting
+
+@dataclass(frozen=True)
+class Option:
+    """What the command line, config files and the checks need to know about one Config field."""
+    help: str
+    positive: bool = False  # > 0 (None allowed where the field is Optional)
+    minimum: Optional[float] = None  # >= minimum
+    choices: Optional[Tuple[str, ...]] = None
+    resume_keeps: bool = False  # a resumed run must be started with the same value
+    parse: Optional[Callable[[Any], Any]] = None  # text or file value -> value; raises ValueError
+    normalize: Optional[Callable[[Any], Any]] = None  # applied to the chosen value, whichever source gave it
+    flag: Optional[str] = None  # the command-line flag when it is not --<field-name>
+    const: Any = None  # flags without a value: what giving the flag stores (bool fields: True)
+    shown: Optional[str] = None  # the default as --help states it, when str(default) would not say it
+
+
+def option(default: Any = None, help: str = "", *, factory: Optional[Callable[[], Any]] = None,
+           **spec: Any) -> Any:
+    """A Config field with its one declaration (see Option for the keywords)."""
+    metadata = {"option": Option(help=help, **spec)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _topk(value: int) -> Optional[int]:
+    return None if value <= 0 else value
+
 
 def parse_stages(value: Any) -> List[str]:
     """"original,incremental", "all" (= original,incremental) or a list of names -> the stage list."""
@@ -90,7 +66,7 @@ def parse_stages(value: Any) -> List[str]:
         raise ValueError(f"expected a comma-separated list or a list of stage names, got {value!r}")
     stages: List[str] = []
     for name in (n.strip() for n in names):
-        for stage in (["original", "incremental"] if name == "all" else [name]):
+        for stage in (list(DIHN_STAGES) if name == "all" else [name]):
             if stage not in STAGES:
                 raise ValueError(f"unknown stage {stage!r}: expected {', '.join(STAGES)} or all")
             if stage not in stages:
@@ -100,41 +76,152 @@ def parse_stages(value: Any) -> List[str]:
     return sorted(stages, key=STAGES.index)
 
 
-def _stages_argument(text: str) -> List[str]:
-    try:
-        return parse_stages(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+@dataclass(frozen=True)
+class Config:
+    """The run's settings, fixed once parsed (frozen): what a process derives from them (e.g. its loader
+    threads) is computed where it is needed, so config.json records what the user asked for."""
+    data: Optional[str] = option(
+        help="prepared dataset folder (python -m dihn_dist.prepare writes it)",
+        shown="data/<--dataset>, or data/fashion-mnist")
+    dataset: Optional[str] = option(help="dataset name; checked against the prepared manifest",
+                                    shown="not checked")
+    root: Optional[str] = option(help="source dataset folder (reference CLI); used to say how to prepare --data")
+    out: str = option("runs/dihn", "run folder: config, metrics, codes, model weights, logs, TensorBoard, "
+                                   "checkpoints")
+    batch_size: int = option(64, "global batch: images per step over all processes (each process takes its "
+                                 "share), so 1 or N processes follow the same trajectory",
+                             positive=True, resume_keeps=True)
+    lr: float = option(1e-4, "Adam learning rate", positive=True, resume_keeps=True)
+    weight_decay: float = option(1e-5, "Adam weight decay", minimum=0, resume_keeps=True)
+    code_length: int = option(12, "bits per code", positive=True, resume_keeps=True)
+    max_iter: int = option(50, "outer iterations per stage (sample, train, update codes)", positive=True,
+                           resume_keeps=True)
+    max_epoch: int = option(3, "epochs over each sampled subset", positive=True, resume_keeps=True)
+    num_seen: Optional[int] = option(help="number of original classes; must equal the prepared data's",
+                                     positive=True, shown="the prepared data's")
+    num_samples: int = option(2000, "database items sampled per outer iteration", positive=True,
+                              resume_keeps=True)
+    num_workers: Optional[int] = option(
+        help="FFCV loader threads per process", positive=True,
+        shown="this process's share of the CPUs it may use: CPUs / processes on the node")
+    topk: Optional[int] = option(help="mAP over the top k of the ranking; <= 0 means the whole database",
+                                 normalize=_topk, shown="all")
+    gamma: float = option(200.0, "weight of the quantization term", positive=True, resume_keeps=True)
+    mu: float = option(50.0, "weight of the bit-balance term (stage 2)", minimum=0, resume_keeps=True)
+    lr_decay_original: float = option(0.9, "exponential lr decay per outer iteration, stage 1 and retrain",
+                                      positive=True, resume_keeps=True)
+    lr_decay_incremental: float = option(0.91, "exponential lr decay per outer iteration, stage 2",
+                                         positive=True, resume_keeps=True)
+    soft_similarity: bool = option(True, "use the hard +-1 similarity instead of the soft form S*(1+r)-r",
+                                   flag="--hard-similarity", const=False, shown="off: the soft form",
+                                   resume_keeps=True)
+    seed: int = option(0, "seed of subsets, augmentation, initial codes and weights", resume_keeps=True)
+    device: str = option("auto", "auto, cpu or cuda[:index] (under torchrun: cuda = cuda:LOCAL_RANK)")
+    arch: str = option("alexnet", "network: alexnet (reference), resnet50, small-cnn (CPU, small images)",
+                       choices=ARCHITECTURES, resume_keeps=True)
+    pretrained: str = option("none", "local torchvision state dict for alexnet/resnet50, or none (nothing is "
+                                     "downloaded; without it the backbone is untrained)", resume_keeps=True)
+    resolution: Optional[int] = option(
+        help="training/eval image side", positive=True, resume_keeps=True,
+        shown="224 for alexnet/resnet50; for small-cnn the prepared images' most common side")
+    augment: str = option("auto", "training augmentation (seeded, applied on the device); auto = flip for "
+                                  "small-cnn (tiny images), crop-flip otherwise",
+                          choices=AUGMENTATIONS, resume_keeps=True)
+    stage: List[str] = option(
+        help="original, incremental, retrain, all (= original,incremental) or a comma-separated list; "
+             "retrain = ADSH from scratch on everything",
+        factory=lambda: list(DIHN_STAGES), parse=parse_stages, shown=",".join(DIHN_STAGES))
+    old_run: Optional[str] = option(
+        help="a finished run whose codes are B_old for stage 2 (a previous round: its database must be the "
+             "beginning of --data's, e.g. --data prepared with --extends its data)", resume_keeps=True)
+    old_stage: Optional[str] = option(help="which stage of --old-run gives B_old",
+                                      choices=STAGES, resume_keeps=True,
+                                      shown="incremental if it finished, else original")
+    old_codes: Optional[str] = option(
+        help="B_old from elsewhere: a .npy of int8 +-1 codes, or of packed bits (numpy.packbits rows, with "
+             "--code-length), one row per inherited database row of --data, in its order", resume_keeps=True)
+    eval_every: int = option(0, "evaluate every N outer iterations (0: only at the end of a stage)", minimum=0)
+    precision_k: int = option(1000, "k of precision@k in the evaluation", positive=True)
+    collective_timeout: float = option(1800.0, "seconds a rank waits in a collective (e.g. for rank 0's code "
+                                               "update or checkpoint) before the job fails", positive=True)
+    precision: str = option("auto", "autocast precision of the network: auto = bf16 on a GPU that supports it, "
+                                    "fp32 elsewhere; fp16 uses a gradient scaler. Losses, codes and mAP stay "
+                                    "float32/float64", choices=PRECISIONS, resume_keeps=True)
+    channels_last: str = option("auto", "NHWC memory format for the CNN (auto: on for CUDA)", choices=SWITCHES)
+    compile: bool = option(False, "torch.compile the network (minutes of compilation, then faster steps on a "
+                                  "GPU)")
+    deterministic: bool = option(False, "deterministic GPU kernels and no TF32: a GPU run repeats exactly from "
+                                        "its seed (slower). CPU runs are deterministic anyway")
+    resume: bool = option(False, "continue the run in --out from its last complete outer iteration (start it "
+                                 "if there is none); on a finished run, adds the stages it lacks")
+    debug: bool = option(False, "anomaly detection, verbose logs, tracebacks, and small defaults "
+                                "(2 iterations, 1 epoch, 200 samples)")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def loader_threads(self) -> int:
+        """FFCV loader threads of this process: --num-workers, else its share of the node's CPUs."""
+        return self.num_workers or cpu_share(process_context().local_world_size)
 
 
-def _topk(text: str) -> Optional[int]:
-    value = int(text)
-    return None if value <= 0 else value
+def declaration(item) -> Option:
+    """The Option of a Config field (a dataclasses.Field)."""
+    return item.metadata["option"]
 
+
+def flag(name: str) -> str:
+    """The command-line flag of a Config field (--hard-similarity for soft_similarity)."""
+    return declaration(_FIELDS[name]).flag or "--" + name.replace("_", "-")
+
+
+_FIELDS = {item.name: item for item in fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+# Fields that must not change when a run is resumed: they decide what the run computes. (The data is
+# checked by its manifest and fingerprints, not by its path, so a moved data folder can still resume.)
+RESUME_INVARIANTS = tuple(name for name, item in _FIELDS.items() if declaration(item).resume_keeps)
+
+DEBUG_DEFAULTS = {"max_iter": 2, "max_epoch": 1, "num_samples": 200}
+
+
+def value_type(name: str) -> type:
+    """int, float, bool, str or list: the field's type without Optional."""
+    hint = _HINTS[name]
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def default_of(name: str) -> Any:
+    item = _FIELDS[name]
+    return item.default if item.default_factory is MISSING else item.default_factory()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config files: the same keys as the flags (with - or _), each value checked against its field's type
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def coerce(key: str, value: Any, hint) -> Any:
+def coerce(key: str, value: Any) -> Any:
     """A config-file value checked against the field's type; the error names the key and the type."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    if key == "stage":
+    spec, kind = declaration(_FIELDS[key]), value_type(key)
+    if value is None and typing.get_origin(_HINTS[key]) is typing.Union:
+        return None
+    if spec.parse is not None:
         try:
-            return parse_stages(value)
+            return spec.parse(value)
         except ValueError as error:
-            raise ValueError(f"key 'stage': {error}") from None
-    expected = _TYPE_NAMES[hint]
-    if hint is bool:
+            raise ValueError(f"key {key!r}: {error}") from None
+    if kind is bool:
         if isinstance(value, bool):
             return value
-    elif hint is int:
+    elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    elif hint is float:
+    elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
@@ -145,7 +232,7 @@ def coerce(key: str, value: Any, hint) -> Any:
                 pass
     elif isinstance(value, str):
         return value
-    raise ValueError(f"key {key!r}: expected {expected}, got {type(value).__name__} {value!r}")
+    raise ValueError(f"key {key!r}: expected {_TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}")
 
 
 def load_config_file(path: str) -> Dict[str, Any]:
@@ -163,14 +250,13 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raise ValueError(f"--config {path}: cannot parse ({' '.join(str(error).split())})") from error
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values")
-    hints = typing.get_type_hints(Config)
     checked = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name not in hints:
+        if name not in _FIELDS:
             raise ValueError(f"--config {path}: unknown key {key!r}")
         try:
-            checked[name] = coerce(name, value, hints[name])
+            checked[name] = coerce(name, value)
         except ValueError as error:
             raise ValueError(f"--config {path}: {error}") from None
     return checked
@@ -179,115 +265,89 @@ def load_config_file(path: str) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # The command line
 
+def _argument_type(parse: Callable[[Any], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return convert
+
+
+def _shown_default(name: str) -> str:
+    spec, default = declaration(_FIELDS[name]), default_of(name)
+    if spec.shown is not None:
+        return spec.shown
+    if value_type(name) is bool:
+        return "on" if default else "off"
+    return "none" if default is None else str(default)
+
+
+def _add_option(parser: argparse.ArgumentParser, name: str) -> None:
+    spec, kind = declaration(_FIELDS[name]), value_type(name)
+    text = f"{spec.help} (default: {_shown_default(name)})".replace("%", "%%")
+    kwargs: Dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=text)
+    if kind is bool:
+        kwargs.update(action="store_const", const=True if spec.const is None else spec.const)
+    elif spec.parse is not None:
+        kwargs.update(type=_argument_type(spec.parse))
+    else:
+        # argparse refuses a flag's value outside the choices (its usage error); validate refuses a file's
+        kwargs.update(type=kind, choices=spec.choices)
+    parser.add_argument(flag(name), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dihn_dist.train",
         description="Deep Incremental Hashing: stage 1 learns codes of the original classes (ADSH); stage 2 "
                     "adds the incremental classes with the original codes frozen (DIHN). Run it plainly for "
                     "one process (CPU or one GPU), or under torchrun for DDP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a = p.add_argument
-    a("--config", help="JSON or YAML file of defaults (keys are flag names with - or _); flags override it")
-    a("--data", help="prepared dataset folder (python -m dihn_dist.prepare writes it); "
-                     "default: data/<--dataset>, or data/fashion-mnist")
-    a("--dataset", help="dataset name; checked against the prepared manifest")
-    a("--root", help="source dataset folder (reference CLI); used to say how to prepare --data")
-    a("--out", help="run folder: config, metrics, codes, model weights, logs, TensorBoard, checkpoints")
-    a("--batch-size", type=int, help="global batch: images per step over all processes (each process takes "
-                                     "its share), so 1 or N processes follow the same trajectory")
-    a("--lr", type=float, help="Adam learning rate")
-    a("--weight-decay", type=float, help="Adam weight decay")
-    a("--code-length", type=int, help="bits per code")
-    a("--max-iter", type=int, help="outer iterations per stage (sample, train, update codes)")
-    a("--max-epoch", type=int, help="epochs over each sampled subset")
-    a("--num-seen", type=int, help="number of original classes; must equal the prepared data's")
-    a("--num-samples", type=int, help="database items sampled per outer iteration")
-    a("--num-workers", type=int, help="FFCV loader threads per process (default: this process's share of the "
-                                      "CPUs it may use: CPUs / processes on the node)")
-    a("--topk", type=_topk, help="mAP over the top k of the ranking; <= 0 means the whole database")
-    a("--gamma", type=float, help="weight of the quantization term")
-    a("--mu", type=float, help="weight of the bit-balance term (stage 2)")
-    a("--lr-decay-original", type=float, help="exponential lr decay per outer iteration, stage 1 and retrain")
-    a("--lr-decay-incremental", type=float, help="exponential lr decay per outer iteration, stage 2")
-    a("--hard-similarity", dest="soft_similarity", action="store_const", const=False,
-      help="use the hard +-1 similarity instead of the soft form S*(1+r)-r")
-    a("--seed", type=int, help="seed of subsets, augmentation, initial codes and weights")
-    a("--device", help="auto, cpu or cuda[:index] (under torchrun: cuda = cuda:LOCAL_RANK)")
-    a("--arch", choices=ARCHITECTURES, help="network: alexnet (reference), resnet50, small-cnn (CPU, small images)")
-    a("--pretrained", help="local torchvision state dict for alexnet/resnet50, or none (nothing is downloaded; "
-                           "without it the backbone is untrained)")
-    a("--resolution", type=int, help="training/eval image side (default: 224 for alexnet/resnet50; for small-cnn "
-                                     "the prepared images' most common side)")
-    a("--augment", choices=AUGMENTATIONS, help="training augmentation (seeded, applied on the device); auto = "
-                                                "flip for small-cnn (tiny images), crop-flip otherwise")
-    a("--stage", type=_stages_argument, help="original, incremental, retrain, all (= original,incremental) or a "
-                                             "comma-separated list; retrain = ADSH from scratch on everything")
-    a("--old-run", help="a finished run whose codes are B_old for stage 2 (a previous round: its database must be "
-                        "the beginning of --data's, e.g. --data prepared with --extends its data)")
-    a("--old-stage", choices=("original", "incremental", "retrain"),
-      help="which stage of --old-run gives B_old (default: incremental if it finished, else original)")
-    a("--old-codes", help="B_old from elsewhere: a .npy of int8 +-1 codes, or of packed bits (numpy.packbits rows, "
-                          "with --code-length), one row per inherited database row of --data, in its order")
-    a("--eval-every", type=int, help="evaluate every N outer iterations (0: only at the end of a stage)")
-    a("--precision-k", type=int, help="k of precision@k in the evaluation")
-    a("--collective-timeout", type=float, help="seconds a rank waits in a collective (e.g. for rank 0's code "
-                                               "update or checkpoint) before the job fails")
-    a("--precision", choices=PRECISIONS, help="autocast precision of the network: auto = bf16 on a GPU that "
-                                              "supports it, fp32 elsewhere; fp16 uses a gradient scaler. Losses, "
-                                              "codes and mAP stay float32/float64")
-    a("--channels-last", choices=SWITCHES, help="NHWC memory format for the CNN (auto: on for CUDA)")
-    a("--compile", action="store_const", const=True, help="torch.compile the network (minutes of compilation, "
-                                                          "then faster steps on a GPU)")
-    a("--deterministic", action="store_const", const=True,
-      help="deterministic GPU kernels and no TF32: a GPU run repeats exactly from its seed (slower). CPU runs "
-           "are deterministic anyway")
-    a("--resume", action="store_const", const=True,
-      help="continue the run in --out from its last complete outer iteration (start it if there is none); "
-           "on a finished run, adds the stages it lacks")
-    a("--debug", action="store_const", const=True,
-      help="anomaly detection, verbose logs, tracebacks, and small defaults (2 iterations, 1 epoch, 200 samples)")
-    p.set_defaults(**{f.name: None for f in fields(Config)})
+    p.add_argument("--config", default=argparse.SUPPRESS,
+                   help="JSON or YAML file of defaults (keys are flag names with - or _); flags override it")
+    for name in _FIELDS:
+        _add_option(p, name)
     return p
 
 
-def parse_config(argv=None) -> Config:
-    args = build_parser().parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
-    values = load_config_file(args.config) if args.config else {}
+def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
+    """Defaults < --config file (< --debug's small defaults where the file sets nothing) < command line."""
+    given = vars(build_parser().parse_args(argv))
+    config_file = given.pop("config", None)
+    values = load_config_file(config_file) if config_file else {}
     if given.get("debug") or values.get("debug"):
         values = {**DEBUG_DEFAULTS, **values}
     values.update(given)
-    config = Config(**values)
-    if config.data is None:
-        config.data = f"data/{config.dataset or 'fashion-mnist'}"
-    if config.topk is not None and config.topk <= 0:
-        config.topk = None
-    config.augment = resolve_augment(config.augment, config.arch)
+    normalizers = {name: declaration(_FIELDS[name]).normalize for name in values}
+    config = Config(**{name: value if normalizers[name] is None or value is None else normalizers[name](value)
+                       for name, value in values.items()})
+    data = config.data if config.data is not None else f"data/{config.dataset or 'fashion-mnist'}"
+    config = replace(config, data=data, augment=resolve_augment(config.augment, config.arch))
     validate(config)
     return config
 
 
+# ----------------------------------------------------------------------------------------------------
+# Checks: ranges and choices from the declarations, then the rules between settings
+
+def check_field(name: str, value: Any) -> None:
+    """The declared range or choices of one setting; the one-line error names its flag."""
+    spec = declaration(_FIELDS[name])
+    if value is None:
+        return
+    if spec.positive and not value > 0:
+        what = "a positive value" if value_type(name) is float else "a positive number"
+        raise ValueError(f"{flag(name)}: expected {what}, got {value}")
+    if spec.minimum is not None and not value >= spec.minimum:
+        raise ValueError(f"{flag(name)}: expected {spec.minimum:g} or more, got {value}")
+    if spec.choices is not None and value not in spec.choices:
+        raise ValueError(f"{flag(name)}: expected one of {', '.join(spec.choices)}, got {value!r}")
+
+
 def validate(config: Config) -> None:
-    for name in ("batch_size", "code_length", "max_iter", "max_epoch", "num_samples", "precision_k"):
-        if getattr(config, name) <= 0:
-            raise ValueError(f"{flag(name)}: expected a positive number, got {getattr(config, name)}")
-    for name in ("lr", "gamma", "lr_decay_original", "lr_decay_incremental", "collective_timeout"):
-        if not getattr(config, name) > 0:
-            raise ValueError(f"{flag(name)}: expected a positive value, got {getattr(config, name)}")
-    for name in ("mu", "weight_decay", "eval_every"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{flag(name)}: expected 0 or more, got {getattr(config, name)}")
-    for name in ("num_workers", "resolution", "num_seen"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise ValueError(f"{flag(name)}: expected a positive number, got {getattr(config, name)}")
-    if config.arch not in ARCHITECTURES:
-        raise ValueError(f"--arch: expected one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
-    for name, choices in (("precision", PRECISIONS), ("channels_last", SWITCHES)):
-        if getattr(config, name) not in choices:
-            raise ValueError(f"{flag(name)}: expected one of {', '.join(choices)}, got {getattr(config, name)!r}")
-    if config.augment not in AUGMENTATIONS:
-        raise ValueError(f"--augment: expected one of {', '.join(AUGMENTATIONS)}, got {config.augment!r}")
+    for name in _FIELDS:
+        check_field(name, getattr(config, name))
     for name in ("old_run", "old_codes"):
         if getattr(config, name) and "original" in config.stage:
             raise ValueError(f"{flag(name)} supplies B_old: use it with --stage incremental (or retrain), not original")

@@ -27,7 +27,7 @@ from loguru import logger
 from ..common.formats import INCREMENTAL, ORIGINAL
 from ..data.loader import TrainLoader, batch_schedule, eval_batches, global_batch_bounds
 from ..data.prepared import PreparedData, load_prepared
-from ..distributed import comm, machine
+from ..distributed import comm
 from ..method import dcc, hashing, metrics
 from ..models import augment
 from ..models.networks import (
@@ -73,8 +73,6 @@ def check_inputs(config: Config):
     """Everything that can be wrong with the command, checked before the run folder is touched, so that a
     failed start leaves nothing behind that would block the corrected command."""
     ctx = comm.context()
-    if config.num_workers is None:
-        config.num_workers = machine.cpu_share(ctx.local_world_size)
     data = load_data(config)
     run = RunFolder(config.out)
     run.check_resume(config, data.manifest)
@@ -149,7 +147,7 @@ class StageTraining:
         self.history, self.next_iteration, self.elapsed_s = [], 0, 0.0
         share = len(batch_schedule(np.arange(config.num_samples), config.batch_size, ctx.world_size, ctx.rank)[0])
         self.loader = TrainLoader(data, batch_size=-(-config.batch_size // ctx.world_size), length=share,
-                                  resolution=self.resolution, device=ctx.device, num_workers=config.num_workers)
+                                  resolution=self.resolution, device=ctx.device, num_workers=config.loader_threads)
         if config.resume:
             self.restore()
 
@@ -342,7 +340,7 @@ def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config
     shard = np.array_split(np.arange(count), ctx.world_size)[ctx.rank]
     batch_size = max(config.batch_size, 256)
     batches = eval_batches(data, part, batch_size=batch_size, resolution=resolution, device=ctx.device,
-                           num_workers=config.num_workers, indices=shard)
+                           num_workers=config.loader_threads, indices=shard)
     local = encode_batches(comm.unwrap(model), progress(batches, -(-len(shard) // batch_size), f"encoding {part}"),
                            precision.autocast)
     if local is None:  # more ranks than rows

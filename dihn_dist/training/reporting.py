@@ -111,7 +111,7 @@ def log_start(config, data, run: RunFolder, warning=None) -> None:
     if warning:
         logger.warning(warning)
     logger.info(f"dihn_dist: {ctx.world_size} process(es) on {ctx.device} ({torch.get_num_threads()} torch threads, "
-                f"{config.num_workers} loader threads each), data {data.root} ({data.num_original} original + "
+                f"{config.loader_threads} loader threads each), data {data.root} ({data.num_original} original + "
                 f"{data.num_database - data.num_original} incremental database items, {data.num_query} queries), "
                 f"run folder {run.root}")
 
