@@ -93,3 +93,38 @@ def solve_dcc(B: torch.Tensor, U: torch.Tensor, sample_labels: torch.Tensor, db_
         signs = values.sign()
         codes[k] = torch.where(signs == 0, codes[k], signs)  # sgn(0) keeps the previous bit
     return codes.T.to(device=B.device, dtype=B.dtype).contiguous()
+
+
+def solve_dcc_rows(codes: torch.Tensor, first_row: int, U: torch.Tensor, sample_labels: torch.Tensor,
+                   sample_rows: torch.Tensor, labels: torch.Tensor, gamma: float, r: Optional[float],
+                   num_frozen: int, *, factorize: bool, db_patterns: PatternsOf = None,
+                   block_rows: int = DEFAULT_BLOCK_ROWS) -> torch.Tensor:
+    """One DCC sweep over one block of database rows [first_row, first_row + rows): a shard's own rows.
+
+    codes (rows x c, +-1) and labels (rows x L): the block's. U (m x c), sample_labels (m x L) and
+    sample_rows (m,) int64: every sampled item's output, labels and *database* row (all ranks' samples, in
+    the same order everywhere). Rows below num_frozen keep their codes (stage 2's B_old may end inside a
+    block); the others get solve_dcc's update. Returns the block's new codes.
+
+    Why a block can be solved alone: given U, row j's bit k becomes sgn(P[j,k] - B[j,-k] . G[-k,k]) with
+    G = U^T U, and P[j] = c S[:,j]^T U + gamma Ubar[j] depends only on row j's labels and on whether row j
+    was sampled. Nothing couples two rows, so the blocks of a row split together make exactly the sweep
+    over all learned rows. Bit for bit, as long as each row's arithmetic does not depend on which other
+    rows are in the call: hence `factorize` must be the whole database's decision (every rank the same,
+    not this block's labels) and db_patterns, when given, (the one pattern table of the learned rows
+    that every block shares, the ids of this block's rows into it; frozen rows' ids are not read), so that
+    every block forms the same pattern products and only gathers its own rows from them.
+    """
+    check_codes("codes", codes)
+    check_rows("labels", labels, codes.shape[0], "codes")
+    start = min(max(int(num_frozen) - int(first_row), 0), codes.shape[0])  # the block's first learned row
+    learned = codes[start:]
+    if learned.shape[0] == 0:
+        return codes.clone()
+    local = sample_rows.to(device=U.device, dtype=torch.long) - (int(first_row) + start)
+    inside = (local >= 0) & (local < learned.shape[0])
+    if db_patterns is not None:
+        db_patterns = (db_patterns[0], db_patterns[1][start:])
+    solved = solve_dcc(learned, U, sample_labels, labels[start:], torch.where(inside, local, -1), gamma, r,
+                       block_rows, factorize, db_patterns)
+    return torch.cat([codes[:start], solved])

@@ -128,7 +128,12 @@ def soft_similarity_offset(sample_labels: torch.Tensor, db_labels: torch.Tensor,
     check_labels("sample_labels", sample_labels)
     check_labels("db_labels", db_labels, sample_labels.shape[1])
     total = sample_labels.shape[0] * db_labels.shape[0]
-    positives = count_similar_pairs(sample_labels, db_labels, block_rows, db_patterns)
+    return soft_offset_from_counts(count_similar_pairs(sample_labels, db_labels, block_rows, db_patterns), total)
+
+
+def soft_offset_from_counts(positives: int, total: int) -> float:
+    """r from the number of similar pairs among `total` sample x database pairs. Both are integer sums
+    over database rows, so a sharded database adds its shards' count_similar_pairs and gets the same r."""
     negatives = total - positives
     if negatives == 0:
         # Every pair is similar: S is all ones and the soft form changes nothing.
@@ -252,6 +257,28 @@ def label_patterns(db_labels: torch.Tensor):
     return patterns, pattern_of_row.to(torch.long)
 
 
+def pattern_ids(patterns: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(rows,) int64: each label row's index in `patterns`, a table from label_patterns (distinct rows in
+    label_patterns' order), on the device of labels.
+
+    How a shard of the database maps its rows into the one table every rank shares: the table from
+    label_patterns(concatenated per-shard tables) is label_patterns(all labels)'s, so the ids are the same as
+    the whole database's. A label row missing from the table is an error.
+    """
+    check_labels("patterns", patterns)
+    check_labels("labels", labels, patterns.shape[1])
+    num_patterns = patterns.shape[0]
+    if labels.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=labels.device)
+    # The unique rows of table + labels are the table itself exactly when it is sorted and distinct and
+    # holds every label row; the inverse of the labels then indexes the table.
+    distinct, inverse = _unique_label_rows(torch.cat([patterns.to(labels.device) != 0, labels != 0]), labels.device)
+    if distinct.shape[0] != num_patterns or not bool(
+            (inverse[:num_patterns] == torch.arange(num_patterns, device=labels.device)).all()):
+        raise ValueError("labels: has label rows missing from patterns, or patterns is not a label_patterns table")
+    return inverse[num_patterns:].to(torch.long)
+
+
 def _check_pattern_ids(name: str, ids: torch.Tensor, rows: int, num_patterns: int, other: str) -> None:
     """ids: a 1-D integer tensor of `rows` pattern ids in [0, num_patterns)."""
     if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex()
@@ -305,7 +332,7 @@ def hash_term_stats(codes: torch.Tensor, patterns: torch.Tensor, pattern_of_row:
     """
     check_codes("codes", codes)
     check_nonempty("codes", codes)
-    num_database, code_length = codes.shape
+    num_database = codes.shape[0]
     check_labels("patterns", patterns)
     check_nonempty("patterns", patterns)
     _check_pattern_ids("pattern_of_row", pattern_of_row, num_database, patterns.shape[0], "codes")
@@ -314,13 +341,62 @@ def hash_term_stats(codes: torch.Tensor, patterns: torch.Tensor, pattern_of_row:
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
         raise ValueError(f"block_rows: expected a positive integer, got {block_rows!r}")
 
+    pattern_of_row = pattern_of_row.to(device=codes.device, dtype=torch.long)
+    partials = _partials(codes, pattern_of_row, patterns.shape[0])
+    return hash_term_stats_from_partials(partials, patterns, pattern_of_row, num_database, r, block_rows)
+
+
+@dataclass(frozen=True, eq=False)
+class HashTermPartials:
+    """The row sums behind HashTermStats, for one block of database rows (float64, integer-valued).
+
+    gram (c x c): sum_j b_j b_j^T. per_pattern (P x (c+1)): per label pattern, the code sum of its rows
+    and (last column) their count. Every entry is an integer of magnitude at most the block's rows, so
+    float64 holds it exactly and the sum over blocks is exact in any order (below 2^53 rows): the partials
+    of a row split add up to the whole database's, bit for bit.
+    """
+    gram: torch.Tensor
+    per_pattern: torch.Tensor
+
+    def __add__(self, other: "HashTermPartials") -> "HashTermPartials":
+        return HashTermPartials(self.gram + other.gram, self.per_pattern + other.per_pattern)
+
+
+def hash_term_partials(codes: torch.Tensor, pattern_of_row: torch.Tensor, num_patterns: int) -> HashTermPartials:
+    """The partial sums of hash_term_stats over one block of rows (a shard; an empty block gives zeros).
+
+    codes (rows x c, +-1): the block's codes; pattern_of_row (rows,) int64: their ids in the shared
+    pattern table of num_patterns patterns. One pass over the rows, O(rows c^2), on the codes' device.
+    """
+    check_codes("codes", codes)
+    _check_pattern_ids("pattern_of_row", pattern_of_row, codes.shape[0], num_patterns, "codes")
+    return _partials(codes, pattern_of_row, num_patterns)
+
+
+def _partials(codes: torch.Tensor, pattern_of_row: torch.Tensor, num_patterns: int) -> HashTermPartials:
     device = codes.device
     B = codes.to(torch.float64)
-    pattern_of_row = pattern_of_row.to(device=device, dtype=torch.long)
+    per_pattern = torch.zeros(num_patterns, codes.shape[1] + 1, dtype=torch.float64, device=device)
+    per_pattern.index_add_(0, pattern_of_row.to(device=device, dtype=torch.long),
+                           torch.cat([B, torch.ones_like(B[:, :1])], dim=1))
+    return HashTermPartials(gram=B.T @ B, per_pattern=per_pattern)
+
+
+def hash_term_stats_from_partials(partials: HashTermPartials, patterns: torch.Tensor, pattern_of_row: torch.Tensor,
+                                  num_database: int, r: Optional[float] = None,
+                                  block_rows: int = DEFAULT_PATTERN_BLOCK_ROWS) -> HashTermStats:
+    """HashTermStats from the partials summed over every row of the database (see hash_term_stats).
+
+    pattern_of_row: the pattern ids that the stats' patterns_at looks up (hash_term_stats passes the whole
+    database's; a sharded caller passes the ids of the rows it will look up). num_database: n, all rows.
+    """
+    code_length = partials.gram.shape[0]
     num_patterns = patterns.shape[0]
-    # One pass over the rows: each pattern's code sum and row count, side by side (P x (c+1)).
-    per_pattern = torch.zeros(num_patterns, code_length + 1, dtype=torch.float64, device=device)
-    per_pattern.index_add_(0, pattern_of_row, torch.cat([B, torch.ones_like(B[:, :1])], dim=1))
+    if tuple(partials.per_pattern.shape) != (num_patterns, code_length + 1):
+        raise ValueError(f"partials: expected per_pattern of shape ({num_patterns}, {code_length + 1}) for "
+                         f"{num_patterns} patterns, got {tuple(partials.per_pattern.shape)}")
+    per_pattern = partials.per_pattern
+    device = per_pattern.device
     shared = _shared_pattern_sums(patterns, per_pattern, block_rows)
     shared_code_sums, shared_counts = shared[:, :code_length], shared[:, code_length]
     code_sum = per_pattern[:, :code_length].sum(dim=0)
@@ -331,7 +407,7 @@ def hash_term_stats(codes: torch.Tensor, patterns: torch.Tensor, pattern_of_row:
     else:
         targets = (1 + r) * targets - r * code_sum
         target_norms = shared_counts + (num_database - shared_counts) * (1 + 2 * r) ** 2
-    return HashTermStats(gram=B.T @ B, targets=targets, target_norms=target_norms,
+    return HashTermStats(gram=partials.gram, targets=targets, target_norms=target_norms,
                          pattern_of_row=pattern_of_row, code_length=code_length, num_database=num_database)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..common.formats import is_incremental
-from .hashing import check_codes, check_labels, check_nonempty, check_rows
+from .hashing import check_codes, check_labels, check_nonempty, check_rows, describe_tensor
 
 # Query rows per chunk are chosen so one chunk's query x database matrices stay near this many entries.
 CHUNK_ENTRIES = 1 << 24
@@ -352,14 +352,140 @@ def retrieval_row(query_codes: torch.Tensor, db_codes: torch.Tensor, query_label
         parts = [summarise(ranked) for _, ranked in
                  _ranked_relevance(query_codes, db_codes, query_labels, db_labels, n, None)]
     aps_all, aps_topk, hits = (torch.from_numpy(np.concatenate(column)) for column in zip(*parts))
+    return _row(aps_all, aps_topk, hits, query_labels, num_seen, topk, precision_k, n)
+
+
+def _row(aps_all, aps_topk, hits, query_labels, num_seen, topk, precision_k, n) -> dict:
+    """retrieval_row's dict from each query's AP@ALL, AP@topk and hits in the top precision_k (CPU tensors)."""
+    pk = min(int(precision_k), n)
     new_queries = is_incremental(query_labels, num_seen).cpu()
     return {
         "map_all": float(aps_all.mean()),
         "map_topk": float(aps_topk.mean()),
         "topk": topk or n,
-        f"precision_at_{precision_k}": float(hits.sum()) / pk / query_codes.shape[0],
+        f"precision_at_{precision_k}": float(hits.sum()) / pk / aps_all.shape[0],
         "map_original_queries": float(aps_topk[~new_queries].mean()) if bool((~new_queries).any()) else None,
         "map_incremental_queries": float(aps_topk[new_queries].mean()) if bool(new_queries.any()) else None,
-        "num_queries": int(query_codes.shape[0]),
+        "num_queries": int(aps_all.shape[0]),
         "num_database": int(n),
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# A database split by rows into shards (one per rank): the same metrics, no rank ranking the whole database
+#
+# The ranking orders items by (Hamming distance, database row). With the rows split into contiguous shards
+# in rank order, the items ranked before an item of shard s at distance d are: every item at a smaller
+# distance (in any shard), the items at distance d in the shards before s, and the items at distance d of
+# shard s with a lower row. Per query the first two need only counts per distance (c + 1 bins of items and
+# of relevant items): shard_distance_counts, summed over all shards and over the shards before s (an
+# all-reduce and an exclusive prefix in rank order). The third is a sort of the shard's own rows. So every
+# shard places its own hits in the global ranking and adds i / rank_i for them (shard_rank_sums); the sums
+# over shards are the AP numerators. Counts and ranks are exact integers; only the float sum of the ratios
+# is associated differently from the one-process ranking (differences of order 1e-16 relative).
+
+# Query rows per chunk: several int64 query x shard matrices live at once.
+SHARD_CHUNK_ENTRIES = 1 << 21
+
+
+def _validate_shard(query_codes, shard_codes, query_labels, shard_labels) -> None:
+    """_validate, except that a shard may hold no rows."""
+    check_codes("query_codes", query_codes)
+    check_nonempty("query_codes", query_codes)
+    check_codes("shard_codes", shard_codes, query_codes.shape[1])
+    check_labels("query_labels", query_labels)
+    check_nonempty("query_labels", query_labels)
+    check_rows("query_labels", query_labels, query_codes.shape[0], "query_codes")
+    check_labels("shard_labels", shard_labels, query_labels.shape[1])
+    check_rows("shard_labels", shard_labels, shard_codes.shape[0], "shard_codes")
+
+
+def _shard_chunk(query_codes, shard_codes, query_labels, shard_labels, rows):
+    """(distances int64, relevance bool, per-distance counts q x 2 x (c+1)) of a chunk of queries."""
+    distances = hamming_distances(query_codes[rows], shard_codes).long()
+    relevant = relevance(query_labels[rows], shard_labels)
+    counts = torch.zeros(distances.shape[0], 2, query_codes.shape[1] + 1, dtype=torch.int64,
+                         device=distances.device)
+    counts[:, 0].scatter_add_(1, distances, torch.ones_like(distances))
+    counts[:, 1].scatter_add_(1, distances, relevant.long())
+    return distances, relevant, counts
+
+
+def shard_distance_counts(query_codes: torch.Tensor, shard_codes: torch.Tensor, query_labels: torch.Tensor,
+                          shard_labels: torch.Tensor, chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """q x 2 x (c+1) int64 on the query codes' device: per query and Hamming distance d, the shard's items
+    at distance d ([:, 0]) and its relevant items at distance d ([:, 1]). A shard without rows gives zeros."""
+    _validate_shard(query_codes, shard_codes, query_labels, shard_labels)
+    device = query_codes.device
+    shard_codes, query_labels, shard_labels = shard_codes.to(device), query_labels.to(device), shard_labels.to(device)
+    counts = torch.zeros(query_codes.shape[0], 2, query_codes.shape[1] + 1, dtype=torch.int64, device=device)
+    if shard_codes.shape[0] == 0:
+        return counts
+    for rows in _chunks(query_codes.shape[0], shard_codes.shape[0], chunk_rows, SHARD_CHUNK_ENTRIES):
+        counts[rows] = _shard_chunk(query_codes, shard_codes, query_labels, shard_labels, rows)[2]
+    return counts
+
+
+def shard_rank_sums(query_codes: torch.Tensor, shard_codes: torch.Tensor, query_labels: torch.Tensor,
+                    shard_labels: torch.Tensor, counts_total: torch.Tensor, counts_before: torch.Tensor,
+                    topk: Optional[int], precision_k: int, chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """q x 4 float64 on the query codes' device: this shard's part of each query's metrics.
+
+    counts_total: shard_distance_counts summed over every shard; counts_before: summed over the shards
+    holding lower database rows (zeros for the first). Columns: the sum of i / rank_i over the shard's
+    relevant items (i = the item's hit number, rank_i its rank in the whole database's ranking), the same
+    over those ranked within the top topk, the number of those, and the number of its relevant items in
+    the top precision_k. Summed over shards they give AP@ALL and AP@topk (sharded_retrieval_row).
+    """
+    _validate_shard(query_codes, shard_codes, query_labels, shard_labels)
+    device = query_codes.device
+    num_queries, bins = query_codes.shape[0], query_codes.shape[1] + 1
+    for name, counts in (("counts_total", counts_total), ("counts_before", counts_before)):
+        if not isinstance(counts, torch.Tensor) or tuple(counts.shape) != (num_queries, 2, bins):
+            raise ValueError(f"{name}: expected shape ({num_queries}, 2, {bins}) from shard_distance_counts, "
+                             f"got {describe_tensor(counts)}")
+    num_database = int(counts_total[0, 0].sum())
+    k, pk = _resolve_topk(topk, num_database), min(int(precision_k), num_database)
+    sums = torch.zeros(num_queries, 4, dtype=torch.float64, device=device)
+    if shard_codes.shape[0] == 0:
+        return sums
+    shard_codes, query_labels, shard_labels = shard_codes.to(device), query_labels.to(device), shard_labels.to(device)
+    counts_total, counts_before = counts_total.to(device), counts_before.to(device)
+    below = lambda counts: counts.cumsum(dim=-1) - counts  # noqa: E731  (items at smaller distances)
+    positions = torch.arange(1, shard_codes.shape[0] + 1, dtype=torch.int64, device=device)
+    for rows in _chunks(num_queries, shard_codes.shape[0], chunk_rows, SHARD_CHUNK_ENTRIES):
+        distances, relevant, local = _shard_chunk(query_codes, shard_codes, query_labels, shard_labels, rows)
+        # Stable: within a distance the shard's rows stay in row order, the global tie rule.
+        sorted_distances, order = torch.sort(distances, dim=1, stable=True)
+        hits = torch.gather(relevant, 1, order)
+        # Global rank = local position - the shard's items at smaller distances + everyone's items at
+        # smaller distances + the earlier shards' items at the same distance; hit numbers likewise.
+        rank_offset = below(counts_total[rows, 0]) + counts_before[rows, 0] - below(local[:, 0])
+        hit_offset = below(counts_total[rows, 1]) + counts_before[rows, 1] - below(local[:, 1])
+        ranks = positions + torch.gather(rank_offset, 1, sorted_distances)
+        hit_numbers = hits.long().cumsum(dim=1) + torch.gather(hit_offset, 1, sorted_distances)
+        ratios = torch.where(hits, hit_numbers.double() / ranks.double(), 0.0)
+        within_k = ranks <= k
+        sums[rows, 0] = ratios.sum(dim=1)
+        sums[rows, 1] = torch.where(within_k, ratios, 0.0).sum(dim=1)
+        sums[rows, 2] = (hits & within_k).sum(dim=1).double()
+        sums[rows, 3] = (hits & (ranks <= pk)).sum(dim=1).double()
+    return sums
+
+
+def sharded_average_precisions(counts_total: torch.Tensor,
+                               rank_sums: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(AP@ALL, AP@topk, hits in the top precision_k) of every query (float64, CPU) from shard_distance_counts
+    and shard_rank_sums, each summed over every shard."""
+    counts_total, rank_sums = counts_total.cpu(), rank_sums.cpu()
+    num_relevant = counts_total[:, 1].sum(dim=1).double()
+    aps_all = torch.where(num_relevant > 0, rank_sums[:, 0] / num_relevant.clamp(min=1), 0.0)
+    aps_topk = torch.where(rank_sums[:, 2] > 0, rank_sums[:, 1] / rank_sums[:, 2].clamp(min=1), 0.0)
+    return aps_all, aps_topk, rank_sums[:, 3]
+
+
+def sharded_retrieval_row(counts_total: torch.Tensor, rank_sums: torch.Tensor, query_labels: torch.Tensor,
+                          num_seen: int, topk: Optional[int], precision_k: int) -> dict:
+    """retrieval_row's dict from shard_distance_counts and shard_rank_sums, each summed over every shard."""
+    aps_all, aps_topk, hits = sharded_average_precisions(counts_total, rank_sums)
+    return _row(aps_all, aps_topk, hits, query_labels, num_seen, topk, precision_k, int(counts_total[0, 0].sum()))
