@@ -150,6 +150,30 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item() > 0)
 
 
+def all_ranks(flag: bool) -> bool:
+    """True on every rank when the flag is set on every rank (a decision all ranks must take alike)."""
+    return not any_rank(not flag)
+
+
+def exclusive_prefix_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of the tensors of the ranks before this one (zeros on rank 0), added in rank order.
+
+    Every rank passes the same shape and dtype. For a database split by rows in rank order, this is what
+    the shards of lower rows hold (counts per Hamming distance for the sharded metrics). All-gather based:
+    memory world_size x the tensor, meant for small per-query or per-pattern counts."""
+    tensor = tensor.detach()
+    if not _context.distributed:
+        return torch.zeros_like(tensor)
+    device = _device_for_collectives()
+    local = tensor.to(device).contiguous()
+    gathered = [torch.empty_like(local) for _ in range(_context.world_size)]
+    torch_dist.all_gather(gathered, local)
+    before = torch.zeros_like(local)
+    for earlier in gathered[:_context.rank]:
+        before += earlier
+    return before.to(tensor.device)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Gather and broadcast
 
