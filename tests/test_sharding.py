@@ -3,7 +3,6 @@ the metrics, put together, equal what the one-process path computes over the who
 splits into 1, 2 and 3 uneven shards (and one with an empty shard), then torchrun x2 and x3 on gloo through
 dihn_dist.distributed.sharded (tests/sharded_worker.py)."""
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
