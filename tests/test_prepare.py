@@ -17,6 +17,7 @@ from PIL import Image
 
 from dihn_dist import prepare as prepare_module
 from dihn_dist.common.formats import PREPARED_V1_FILES, RUN_FORMAT, file_fingerprint, folder_kind
+from dihn_dist.data import prepare as preparation
 from dihn_dist.data.loader import eval_batches
 from dihn_dist.data.prepare import prepare
 from dihn_dist.data.prepared import load_prepared
@@ -132,7 +133,7 @@ def test_interrupted_run_never_looks_complete(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(prepare_module, "write_all", interrupted)
+        patch.setattr(preparation, "write_all", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run(*options)
     assert_nothing_written(out)
