@@ -8,7 +8,8 @@ other workers spin forever too, waiting for the dead one's page. `watched_write`
 keeps the worker Process objects and checks them at every point where the writer waits: a worker that
 exits with a non-zero code, or no worker making progress for `stall_seconds`, stops the other workers,
 frees FFCV's shared memory and raises WriterWorkerDied, naming the item the worker was on (a WorkerTable
-in shared memory, filled by the dataset's __getitem__, says which item each worker took last).
+in shared memory, filled by the dataset's __getitem__, says which item each worker took last). Each worker
+dies with the process that started it (`die_with_parent`): a kill -9 of prepare leaves no worker behind.
 
 Per-item digests. `read_back` reads every stored item of a finished .beton through FFCV's Reader (the
 per-sample metadata and the allocation table) and a memory map of the file: item i's digest is the 16-byte
@@ -31,6 +32,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +130,8 @@ class WorkerWatch:
         self.queues: List[WatchedQueue] = []
         self.progress = (table.snapshot(), time.monotonic())
 
-    def Process(self, *args, **kwargs) -> multiprocessing.Process:   # noqa: N802 - stands in for a class
-        process = multiprocessing.Process(*args, **kwargs)
+    def Process(self, target=None, args=(), **kwargs) -> multiprocessing.Process:   # noqa: N802 - a class
+        process = multiprocessing.Process(target=run_dying_with_parent, args=(os.getpid(), target, *args), **kwargs)
         self.processes.append(process)
         return process
 
@@ -201,6 +203,34 @@ class WorkerWatch:
             if process.exitcode is None:
                 process.terminate()
                 process.join(5)
+
+
+# prctl(2) option: the signal the kernel sends this process when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+PARENT_POLL_SECONDS = 1.0
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this (forked) worker die when `parent` does, however it ends (kill -9 included): otherwise the
+    workers of a killed prepare keep running, each holding hundreds of MB, until their queue runs dry.
+    Linux: the kernel sends SIGKILL (PR_SET_PDEATHSIG); elsewhere a thread watches the parent pid."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    if os.getppid() != parent:   # the parent died before the request took effect: no signal will come
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(PARENT_POLL_SECONDS)
+            os._exit(1)
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_dying_with_parent(parent: int, target: Callable, *args) -> None:
+    die_with_parent(parent)
+    target(*args)
 
 
 def signal_name(number: int) -> str:
