@@ -414,6 +414,74 @@ def round_fields(fields: dict) -> dict:
                                                 jpeg_quality=image.jpeg_quality)}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# One layout for the same items
+
+
+class ItemsAsStored:
+    """What the rewrite's one worker indexes: item i of a written .beton exactly as stored (its image as a
+    StoredImage, its label row, i), read through a memory map the worker opens for itself."""
+
+    def __init__(self, path: Path, images: StoredImages, labels: np.ndarray):
+        self.path = path
+        self.images = images
+        self.labels = labels
+        self.workers = WorkerTable(1)
+        self.mapped = None
+        self.mapped_by = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, position: int):
+        self.workers.record(position)
+        if self.mapped_by != os.getpid():
+            self.mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self.mapped_by = os.getpid()
+        start, size = int(self.images.pointers[position]), int(self.images.sizes[position])
+        header = self.images.headers[position]
+        image = StoredImage(int(header["mode"]), int(header["height"]), int(header["width"]),
+                            np.asarray(self.mapped[start:start + size]))
+        return image, self.labels[position], position
+
+
+def rewrite_in_item_order(path: Path, fields: dict, page_size: int) -> None:
+    """Rewrite a .beton written by several workers as one worker writes it, so that its bytes depend on its
+    items alone: re-preparing the same source with the same options gives the same file, whatever the
+    number of workers and their timing.
+
+    Why: FFCV's workers take chunks of items from a shared queue and claim file pages as they fill them, so
+    which items share a page, the order of the pages and the order of the allocation table all follow the
+    race between the workers (the item bytes themselves are the same). One worker takes the chunks in order
+    and fills the pages in order. The rewrite copies every stored item as it is (StoredImageField: no
+    decoding or encoding), into a temp file renamed over `path`: one sequential pass over the file, next to
+    the encoding it follows (one extra file's worth of disk while it runs)."""
+    from ffcv.reader import Reader
+    from ffcv.writer import DatasetWriter
+    reader = Reader(str(path))
+    stored = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+    image = stored["image"]
+    headers = np.zeros(len(image), dtype=HEADER_TYPE)
+    for key in ("mode", "height", "width"):
+        headers[key] = image[key]
+    images = StoredImages(headers, image["data_ptr"].astype(np.int64),
+                          allocation_sizes(reader.alloc_table, image["data_ptr"], path))
+    width = int(np.prod(fields["labels"].shape))
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    labels = np.array(mapped[stored["labels"].astype(np.int64)[:, None] + np.arange(width)])
+    del mapped
+    items = ItemsAsStored(path, images, labels)
+    temp = path.with_name(f".{path.name}.in-order")
+    try:
+        writer = DatasetWriter(str(temp), round_fields(fields), page_size=page_size, num_workers=1)
+        watched_write(writer, items, items.workers, lambda position: f"{path.name} item {position} (rewritten in "
+                      f"item order)", path.name, chunksize=1024)
+        record_image_field_type(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 UNKNOWN_FIELD_TYPE = 255   # what FFCV's writer records for a field class it has no type id for
 
 
