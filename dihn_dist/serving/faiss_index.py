@@ -233,6 +233,23 @@ def search(index, packed_queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.nd
     return np.take_along_axis(distances, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
+def shortfall_note(index, found: int, asked: int) -> Optional[str]:
+    """Why an approximate index returned `found` < `asked` rows (None when it returned them all)."""
+    if found >= asked:
+        return None
+    kind = kind_of(index)
+    if kind == "ivf":
+        why = (f"an IVF search visits only nprobe = {index.nprobe} of its nlist = {index.nlist} lists, and the "
+               f"lists nearest this query hold only {found} codes (index.nprobe = nlist searches every list)")
+    elif kind == "hnsw":
+        why = (f"the HNSW graph search (efSearch = {index.hnsw.efSearch}) reached only {found} rows from the "
+               f"query's entry point")
+    else:
+        why = f"the index holds {index.ntotal} rows"
+    return (f"note: the {kind} index returned {found} of the {asked} rows asked for: {why}; an index exported "
+            f"with --index flat is exact and always returns them all")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Files
 
