@@ -39,7 +39,9 @@ complete preparation with the same options does nothing (quickly); replacing a p
 another version, damaged) needs --force, and the message names what would be deleted. Atomic: everything is
 written into a hidden temporary folder beside --out and renamed at the end, so an interrupted run never
 leaves a folder that looks complete. A writer worker that dies ends the run with an error naming the item
-it was on (`dihn_dist.data.writer`), never a hang.
+it was on (`dihn_dist.data.writer`), never a hang; workers die with prepare. Deterministic: the same source
+and options give the same bytes in every file but the manifest, whatever --num-workers (each .beton that
+several workers wrote is rewritten in item order, `writer.rewrite_in_item_order`).
 
 Errors end with one line and exit code 2 (bad input) or 1 (a failure while writing); --debug adds the
 traceback.
