@@ -277,7 +277,7 @@ def test_a_worker_that_dies_ends_prepare_naming_its_image(tmp_path, capsys, monk
     assert message.endswith("the other workers were stopped; nothing was written to --out")
     assert_nothing_written(out)
     assert not multiprocessing.active_children()
-    assert len(shared_memory) == 2   # query.beton, then database.beton
+    assert len(shared_memory) == 3   # query.beton, its rewrite in item order (2 workers), then database.beton
     assert not (Path("/dev/shm") / shared_memory[-1].lstrip("/")).exists(), "FFCV's shared memory was left behind"
 
 
