@@ -459,6 +459,8 @@ def rewrite_in_item_order(path: Path, fields: dict, page_size: int) -> None:
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
     reader = Reader(str(path))
+    if int(reader.num_samples) == 0:
+        return   # no pages: nothing whose order could differ
     stored = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
     image = stored["image"]
     headers = np.zeros(len(image), dtype=HEADER_TYPE)
