@@ -351,3 +351,53 @@ def test_database_prefix_problem_compares_labels_over_the_old_columns():
     relabelled[1, 3] = 1
     problem = database_prefix_problem(old, DatabaseRecord("new", "image-list", relabelled, new_digests))
     assert problem.startswith("database row 1: its labels differ: [0, 1, 0] in the old, [0, 1, 0, 1] in the new")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks of meaning before anything is written
+
+
+def test_new_classes_labelled_only_in_old_columns_are_refused(rounds, lists, tmp_path, capsys):
+    folder = lists["folder"]
+    # The round's list has OLD's 3 columns plus a new one, but its new items are labelled in OLD's columns.
+    shifted = write_list(folder / "shifted.txt", [(p, label_text([c % 3], 4))
+                                                  for p, c in zip(lists["paths"]["newdb"], NEW_DATABASE)])
+    out = tmp_path / "out"
+    code, message = prepare_cli(capsys, *image_list_options(shifted, lists["newq"]), "--extends", rounds["old"],
+                                "--out", out)
+    assert code == 2
+    assert message.startswith(f"error: --database-list {shifted}: its 3 new items carry only the classes of "
+                              f"--extends {rounds['old']} (label columns 0..2)"), message
+    assert "label this round's new classes in columns 3..3" in message
+    assert_nothing_written(out)
+
+
+def test_queries_of_classes_without_database_items_are_warned_about(rounds, lists, tmp_path):
+    from loguru import logger
+    warnings = []
+    sink = logger.add(lambda message: warnings.append(str(message)), level="WARNING")
+    try:
+        folder = lists["folder"]
+        # A first preparation: class 3 has queries but no database item.
+        database = write_list(folder / "db4.txt", [(p, label_text([c], 4)) for p, c in
+                                                   zip(lists["paths"]["db"], OLD_DATABASE)])
+        query = write_list(folder / "q4.txt", [(p, label_text([c], 4)) for p, c in
+                                               zip(lists["paths"]["q"], [0, 3, 3])])
+        run(*image_list_options(database, query), "--num-seen", "2", "--out", tmp_path / "first")
+        assert any("2 of 3 queries carry only classes that no database item has (class 3 " in w for w in warnings), \
+            warnings
+        # A round: its new query of class 4 has no database item, OLD's and the other new one have.
+        warnings.clear()
+        new_database = write_list(folder / "newdb5.txt", [(p, label_text([c], 5)) for p, c in
+                                                          zip(lists["paths"]["newdb"], NEW_DATABASE)])
+        new_query = write_list(folder / "newq5.txt", [(p, label_text([c], 5)) for p, c in
+                                                      zip(lists["paths"]["newq"], [4, 1])])
+        run(*image_list_options(new_database, new_query), "--extends", rounds["old"], "--out", tmp_path / "round")
+        assert any("1 of 5 queries carry only classes that no database item has (class 4 " in w for w in warnings), \
+            warnings
+        warnings.clear()
+        run(*image_list_options(lists["newdb"], lists["newq"]), "--extends", rounds["old"], "--out",
+            tmp_path / "fine")
+        assert not any("queries carry only classes" in w for w in warnings), warnings
+    finally:
+        logger.remove(sink)

@@ -2,6 +2,7 @@
 and nothing lost (checksums of the folders involved, before and after). Prepare first, then the trainer."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -276,7 +277,7 @@ def test_a_worker_that_dies_ends_prepare_naming_its_image(tmp_path, capsys, monk
     assert message.endswith("the other workers were stopped; nothing was written to --out")
     assert_nothing_written(out)
     assert not multiprocessing.active_children()
-    assert len(shared_memory) == 2   # query.beton, then database.beton
+    assert len(shared_memory) == 3   # query.beton, its rewrite in item order (2 workers), then database.beton
     assert not (Path("/dev/shm") / shared_memory[-1].lstrip("/")).exists(), "FFCV's shared memory was left behind"
 
 
@@ -568,3 +569,63 @@ def test_resume_on_re_prepared_data_is_refused_and_the_run_is_untouched(tiny_pre
     line = error_line(stderr)
     assert "not the data this run started from" in line and "num_database: 600 -> 500" in line
     assert checksums(out) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writer workers die with prepare
+
+# prepare with every writer worker stuck on its first image: the workers stay alive until something ends them.
+STUCK_PREPARE = """
+import sys, time
+from dihn_dist.data import parts
+parts.WriterItems.load_image = lambda self, position: time.sleep(3600)
+from dihn_dist import prepare
+sys.exit(prepare.main(sys.argv[1:]))
+"""
+# Bounds of the polls below: generous, since they only bound how long a failure takes to show.
+POLL_SECONDS = 120
+
+
+def poll(condition, what: str):
+    deadline = time.monotonic() + POLL_SECONDS
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {POLL_SECONDS} s")
+
+
+def test_a_kill_9_of_prepare_ends_its_writer_workers(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    parent = subprocess.Popen([sys.executable, "-c", STUCK_PREPARE, "--dataset", "fashion-mnist", "--out",
+                               str(tmp_path / "out"), "--database-per-class", "5", "--query-per-class", "2",
+                               "--resolution", "28", "--num-workers", "2"], cwd=Path(__file__).resolve().parents[1])
+    children = []
+    try:
+        watched = psutil.Process(parent.pid)
+
+        def workers():
+            found = [child for child in watched.children(recursive=True)
+                     if "resource_tracker" not in " ".join(child.cmdline())]
+            return found if len(found) >= 2 else None
+
+        poll(workers, "two writer workers started")
+        children = watched.children(recursive=True)
+        parent.kill()
+        parent.wait()
+
+        def gone(process) -> bool:
+            try:
+                return process.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        poll(lambda: all(gone(child) for child in children), "every process prepare started ended after its kill -9")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for child in children:   # only if the test failed: never leave them running
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()

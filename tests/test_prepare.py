@@ -468,3 +468,39 @@ def test_jpeg_images_are_resized_to_max_side_by_prepare(tmp_path):
     metadata = reader.metadata[f"f{reader.field_names.index('image')}"]
     assert np.maximum(metadata["height"], metadata["width"]).tolist() == [32] * 9
     assert load_prepared(out).image_size == 32
+
+
+def both_workers_busy_first(monkeypatch) -> None:
+    """Writer workers (forked) wait at their first image until two of them have taken one: with 2 workers,
+    both write items, so the race between them (pages, allocation order) is always in play."""
+    import multiprocessing
+    import os
+
+    from dihn_dist.data import parts
+    barrier = multiprocessing.Barrier(2)
+    waited = set()
+    load_image = parts.WriterItems.load_image
+
+    def load_after_the_barrier(self, position):
+        if os.getpid() not in waited:
+            waited.add(os.getpid())
+            barrier.wait(timeout=300)
+        return load_image(self, position)
+
+    monkeypatch.setattr(parts.WriterItems, "load_image", load_after_the_barrier)
+
+
+def test_preparation_is_the_same_bytes_whatever_the_workers(tmp_path, monkeypatch):
+    options = ["--dataset", "fashion-mnist", "--database-per-class", "20", "--query-per-class", "5",
+               "--resolution", "28"]
+    one = prepare(parse_args([*options, "--out", str(tmp_path / "one"), "--num-workers", "1"]))
+    both_workers_busy_first(monkeypatch)
+    two = prepare(parse_args([*options, "--out", str(tmp_path / "two"), "--num-workers", "2"]))
+
+    def sha256s(folder: Path) -> dict:
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())
+                if path.name != "manifest.json"}   # the manifest records when and where: compared by "files"
+
+    assert sha256s(one) == sha256s(two)
+    assert {"query.beton", "database.beton"} <= set(sha256s(one))
+    assert manifest_of(one)["files"] == manifest_of(two)["files"]   # what a run's --resume compares

@@ -132,3 +132,38 @@ def test_unfinished_stage_and_missing_data(run, tmp_path):
         retrieve.retrieve(partial, QUERY, data_dir=str(tmp_path / "moved"), write_sheet=False)
     with pytest.raises(ValueError, match="--topk"):
         retrieve.retrieve(partial, QUERY, topk=0, write_sheet=False)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 40)])
+def test_a_query_image_under_the_stored_minimum_is_refused(run, tmp_path, capsys, size):
+    from dihn_dist.data.parts import MIN_STORED_SIDE
+    path = tmp_path / "tiny.png"
+    Image.new("RGB", size, (128, 128, 128)).save(path)
+    assert retrieve.main([str(run), "--query", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"error: --query {path}: {size[0]} x {size[1]} px; images need both sides >= {MIN_STORED_SIDE} px" in err
+    edge = tmp_path / "edge.png"
+    Image.new("RGB", (MIN_STORED_SIDE, 40), (128, 128, 128)).save(edge)
+    assert len(retrieve.retrieve(run, edge, topk=3, write_sheet=False).items) == 3   # the minimum itself is fine
+
+
+def test_an_ivf_index_returning_fewer_than_topk_says_so_and_why(run, tmp_path):
+    pytest.importorskip("faiss")
+    from dihn_dist.serving import export, faiss_index
+    ivf, flat = tmp_path / "ivf.index", tmp_path / "flat.index"
+    export.export_index(run, ivf, kind="ivf")
+    export.export_index(run, flat)
+    index = faiss_index.load_index(ivf).index
+    topk = index.ntotal   # every row: more than the nprobe lists nearest one query hold
+    assert index.nprobe < index.nlist
+    short = retrieve.retrieve(run, QUERY, topk=topk, write_sheet=False, faiss_path=ivf)
+    found = len(short.items)
+    assert 0 < found < topk
+    assert short.note == faiss_index.shortfall_note(index, found, topk)
+    assert f"returned {found} of the {topk} rows asked for" in short.note
+    assert f"nprobe = {index.nprobe} of its nlist = {index.nlist} lists" in short.note
+    assert short.note in retrieve.format_retrieval(short).splitlines()
+    exact = retrieve.retrieve(run, QUERY, topk=topk, write_sheet=False, faiss_path=flat)
+    assert len(exact.items) == topk and exact.note is None
+    assert "note:" not in retrieve.format_retrieval(exact)

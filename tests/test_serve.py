@@ -386,3 +386,51 @@ def test_export_and_serve_import_no_torch():
     import subprocess
     check = "import sys, dihn_dist.serving.export, dihn_dist.serving.faiss_index; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# An export killed while it replaces a pair
+
+KILL_DURING_EXPORT = """
+import os, signal, sys
+from dihn_dist.serving import export
+run, target, point = sys.argv[1:4]
+publish = os.replace
+
+def replace(source, destination):
+    if point == "before the index rename" and str(destination) == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point == "between the two renames" and str(destination) == target + ".json":
+        os.kill(os.getpid(), signal.SIGKILL)
+    publish(source, destination)
+    if point == "after the sidecar rename" and str(destination) == target + ".json":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace = replace
+export.main([run, "--faiss", target, "--append-to", target])
+"""
+
+
+@pytest.mark.parametrize("point", ["before the index rename", "between the two renames", "after the sidecar rename"])
+def test_a_kill_while_replacing_an_index_leaves_a_complete_pair_or_says_how_to_restore_it(rounds, tmp_path, point,
+                                                                                         capsys):
+    import signal
+    import subprocess
+    path = tmp_path / "served.index"
+    export.export_index(rounds[0], path)
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_EXPORT, str(rounds[1]), str(path), point],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    old, new = (faiss_index.pack_codes(stage_codes(run, stage))
+                for run, stage in ((rounds[0], "original"), (rounds[1], "incremental")))
+    if point == "between the two renames":
+        previous = faiss_index.previous_path(path)
+        refused(capsys, [rounds[1], "--faiss", path, "--append-to", path], f"{path}: is not the index its sidecar",
+                f"interrupted", f"restore the previous pair with mv {previous} {path}, then rerun the export")
+        previous.replace(path)                                   # the restore the message names
+        assert np.array_equal(faiss_index.load_index(path).codes, old)
+        export.export_index(rounds[1], path, append_to=path)    # and the rerun
+        assert np.array_equal(faiss_index.load_index(path).codes, new)
+    else:
+        expected = old if point == "before the index rename" else new
+        assert np.array_equal(faiss_index.load_index(path).codes, expected)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+from loguru import logger
 
 from ..common.formats import ITEM_PATH_FILES, MANIFEST, PREPARED_FORMAT, classes_so_far, folder_kind
 from .manifest import (
@@ -55,7 +56,7 @@ from .manifest import (
 from .parts import ITEM_DIGEST_FILES, PARTS, InheritedPart, read_back_parts, widened, write_parts_skipping_bad
 from .prepared import PreparedData, load_prepared
 from .sources import SourceDataset, SourcePart
-from .split import select_rows
+from .split import select_rows, unanswerable_queries_warning
 from .writer import read_back
 
 EXTENDABLE_DATASETS = ("image-list", *CLASS_ROUND_DATASETS)
@@ -219,7 +220,29 @@ def plan_round(dataset: SourceDataset, old: OldPreparation, args) -> RoundPlan:
         what = (f"{LIST_FLAGS['database']} {args.database_list} names only OLD's items" if dataset.name == "image-list"
                 else f"classes {old.classes_so_far}..{args.classes - 1} have no database items")
         raise ValueError(f"{dataset.name}: no new database items: {what}; a round adds at least one item")
+    if dataset.name == "image-list":
+        check_new_classes_have_items(plan.parts["database"], split.database_rows, old)
+    warning = unanswerable_queries_warning(
+        np.concatenate([widened(old.parts["query"].labels, dataset.num_classes),
+                        plan.parts["query"].labels[split.query_rows]]),
+        np.concatenate([widened(old.parts["database"].labels, dataset.num_classes),
+                        plan.parts["database"].labels[split.database_rows]]), dataset.class_names)
+    if warning:
+        logger.warning(f"{dataset.name} round: {warning}")
     return plan
+
+
+def check_new_classes_have_items(part: SourcePart, rows: np.ndarray, old: OldPreparation) -> None:
+    """A list whose label columns add classes must give them items: new items that all carry only OLD's
+    classes mean the new classes were labelled in OLD's columns (the columns of a round are OLD's, then
+    the new classes), and the round would add classes that no item has."""
+    old_width, width = old.data.num_classes, part.labels.shape[1]
+    if width <= old_width or part.labels[rows][:, old_width:].any():
+        return
+    raise ValueError(f"{LIST_FLAGS['database']} {part.origin}: its {len(rows)} new items carry only the "
+                     f"classes of --extends {old.root} (label columns 0..{old_width - 1}), so the "
+                     f"{width - old_width} new class(es) get no items; label this round's new classes in columns "
+                     f"{old_width}..{width - 1} (a round's columns are OLD's {old_width}, then the new classes)")
 
 
 def check_label_width(dataset: SourceDataset, old: OldPreparation) -> None:

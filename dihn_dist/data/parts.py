@@ -20,7 +20,16 @@ from loguru import logger
 
 from ..common.formats import IMAGE_DIGEST_FILES
 from .sources import BadImageError, SourceDataset, SourcePart
-from .writer import StoredImage, StoredImages, StoredItems, WorkerTable, WriterWorkerDied, read_back, watched_write
+from .writer import (
+    StoredImage,
+    StoredImages,
+    StoredItems,
+    WorkerTable,
+    WriterWorkerDied,
+    read_back,
+    rewrite_in_item_order,
+    watched_write,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Writing NEW
@@ -220,7 +229,8 @@ def write_part(folder: Path, name: str, dataset: SourceDataset, rows: np.ndarray
         largest = max(largest, inherited.largest_image_bytes)
     path = folder / f"{name}.beton"
     logger.info(f"writing {name}.beton: {len(items):,} images with {args.num_workers} worker(s)")
-    elapsed = write_beton(path, items, fields, args.num_workers, page_size_for(largest))
+    page_size = page_size_for(largest)
+    elapsed = write_beton(path, items, fields, args.num_workers, page_size)
     if inherited is not None:
         from ..data.writer import record_image_field_type
         record_image_field_type(path)
@@ -229,6 +239,11 @@ def write_part(folder: Path, name: str, dataset: SourceDataset, rows: np.ndarray
     bad = new_items.bad_positions()
     if len(bad) and not args.skip_bad:
         raise_first_bad(new_items, bad[0])
+    if not len(bad) and args.num_workers > 1:   # one worker writes the item-order layout already
+        start = time.perf_counter()
+        rewrite_in_item_order(path, fields, page_size)
+        logger.info(f"{name}.beton: rewritten in item order (the same bytes whatever the workers) in "
+                    f"{time.perf_counter() - start:.1f} s")
     return rows[bad]
 
 

@@ -39,7 +39,9 @@ complete preparation with the same options does nothing (quickly); replacing a p
 another version, damaged) needs --force, and the message names what would be deleted. Atomic: everything is
 written into a hidden temporary folder beside --out and renamed at the end, so an interrupted run never
 leaves a folder that looks complete. A writer worker that dies ends the run with an error naming the item
-it was on (`dihn_dist.data.writer`), never a hang.
+it was on (`dihn_dist.data.writer`), never a hang; workers die with prepare. Deterministic: the same source
+and options give the same bytes in every file but the manifest, whatever --num-workers (each .beton that
+several workers wrote is rewritten in item order, `writer.rewrite_in_item_order`).
 
 Errors end with one line and exit code 2 (bad input) or 1 (a failure while writing); --debug adds the
 traceback.
@@ -80,7 +82,7 @@ from .manifest import (
 )
 from .parts import DEFAULT_MAX_SIDE, MIN_STORED_SIDE, read_back_parts, write_parts_skipping_bad
 from .sources import SourceDataset, open_dataset
-from .split import check_classes, make_split, resolve_num_seen
+from .split import check_classes, make_split, resolve_num_seen, unanswerable_queries_warning
 
 
 def available_cpus() -> int:
@@ -257,8 +259,12 @@ def prepare(args: argparse.Namespace) -> Path:
     side, max_side = stored_sizes(dataset, args)
     if old is None:
         num_seen = resolve_num_seen(dataset, args.num_seen, args.classes)
-        make_split(dataset, num_seen, args.database_per_class, args.query_per_class, set(), set(),
-                   args.classes)   # fail early
+        split = make_split(dataset, num_seen, args.database_per_class, args.query_per_class, set(), set(),
+                           args.classes)   # fail early
+        warning = unanswerable_queries_warning(dataset.query.labels[split.query_rows],
+                                               dataset.database.labels[split.database_rows], dataset.class_names)
+        if warning:
+            logger.warning(warning)
         write = lambda folder: write_all(folder, dataset, num_seen, args, side, max_side)  # noqa: E731
     else:
         from ..data.extend import plan_round, write_round

@@ -91,3 +91,29 @@ def check_classes(dataset: SourceDataset, classes: Optional[int]) -> None:
     if classes is not None and classes > dataset.num_classes:
         raise ValueError(f"--classes: expected 1..{dataset.num_classes} for {dataset.name} ({dataset.num_classes} "
                          f"classes), got {classes}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks of meaning
+
+
+def unanswerable_queries(query_labels: np.ndarray, database_labels: np.ndarray) -> tuple:
+    """(number of queries none of whose classes any database item has, those classes in order): such a
+    query has no relevant item, so it can only score 0 (it lowers mAP by 1 / num_queries)."""
+    in_database = database_labels.astype(bool).any(axis=0)
+    query = query_labels.astype(bool)
+    unanswerable = ~(query & in_database).any(axis=1)
+    classes = np.flatnonzero(query[unanswerable].any(axis=0) & ~in_database)
+    return int(unanswerable.sum()), [int(c) for c in classes]
+
+
+def unanswerable_queries_warning(query_labels: np.ndarray, database_labels: np.ndarray,
+                                 class_names) -> Optional[str]:
+    """The warning prepare prints about unanswerable_queries, or None when every query has a relevant item."""
+    count, classes = unanswerable_queries(query_labels, database_labels)
+    if not count:
+        return None
+    named = ", ".join(f"{c} ({class_names[c]})" for c in classes)
+    return (f"{count} of {len(query_labels)} queries carry only classes that no database item has "
+            f"(class{'es' if len(classes) != 1 else ''} {named or 'none: these queries have no label'}); they have "
+            f"no relevant item and can only score 0")

@@ -8,7 +8,8 @@ other workers spin forever too, waiting for the dead one's page. `watched_write`
 keeps the worker Process objects and checks them at every point where the writer waits: a worker that
 exits with a non-zero code, or no worker making progress for `stall_seconds`, stops the other workers,
 frees FFCV's shared memory and raises WriterWorkerDied, naming the item the worker was on (a WorkerTable
-in shared memory, filled by the dataset's __getitem__, says which item each worker took last).
+in shared memory, filled by the dataset's __getitem__, says which item each worker took last). Each worker
+dies with the process that started it (`die_with_parent`): a kill -9 of prepare leaves no worker behind.
 
 Per-item digests. `read_back` reads every stored item of a finished .beton through FFCV's Reader (the
 per-sample metadata and the allocation table) and a memory map of the file: item i's digest is the 16-byte
@@ -31,6 +32,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,8 +130,8 @@ class WorkerWatch:
         self.queues: List[WatchedQueue] = []
         self.progress = (table.snapshot(), time.monotonic())
 
-    def Process(self, *args, **kwargs) -> multiprocessing.Process:   # noqa: N802 - stands in for a class
-        process = multiprocessing.Process(*args, **kwargs)
+    def Process(self, target=None, args=(), **kwargs) -> multiprocessing.Process:   # noqa: N802 - a class
+        process = multiprocessing.Process(target=run_dying_with_parent, args=(os.getpid(), target, *args), **kwargs)
         self.processes.append(process)
         return process
 
@@ -201,6 +203,34 @@ class WorkerWatch:
             if process.exitcode is None:
                 process.terminate()
                 process.join(5)
+
+
+# prctl(2) option: the signal the kernel sends this process when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+PARENT_POLL_SECONDS = 1.0
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this (forked) worker die when `parent` does, however it ends (kill -9 included): otherwise the
+    workers of a killed prepare keep running, each holding hundreds of MB, until their queue runs dry.
+    Linux: the kernel sends SIGKILL (PR_SET_PDEATHSIG); elsewhere a thread watches the parent pid."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    if os.getppid() != parent:   # the parent died before the request took effect: no signal will come
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(PARENT_POLL_SECONDS)
+            os._exit(1)
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def run_dying_with_parent(parent: int, target: Callable, *args) -> None:
+    die_with_parent(parent)
+    target(*args)
 
 
 def signal_name(number: int) -> str:
@@ -382,6 +412,76 @@ def round_fields(fields: dict) -> dict:
     image = fields["image"]
     return {**fields, "image": StoredImageField(write_mode=image.write_mode, max_resolution=image.max_resolution,
                                                 jpeg_quality=image.jpeg_quality)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One layout for the same items
+
+
+class ItemsAsStored:
+    """What the rewrite's one worker indexes: item i of a written .beton exactly as stored (its image as a
+    StoredImage, its label row, i), read through a memory map the worker opens for itself."""
+
+    def __init__(self, path: Path, images: StoredImages, labels: np.ndarray):
+        self.path = path
+        self.images = images
+        self.labels = labels
+        self.workers = WorkerTable(1)
+        self.mapped = None
+        self.mapped_by = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, position: int):
+        self.workers.record(position)
+        if self.mapped_by != os.getpid():
+            self.mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self.mapped_by = os.getpid()
+        start, size = int(self.images.pointers[position]), int(self.images.sizes[position])
+        header = self.images.headers[position]
+        image = StoredImage(int(header["mode"]), int(header["height"]), int(header["width"]),
+                            np.asarray(self.mapped[start:start + size]))
+        return image, self.labels[position], position
+
+
+def rewrite_in_item_order(path: Path, fields: dict, page_size: int) -> None:
+    """Rewrite a .beton written by several workers as one worker writes it, so that its bytes depend on its
+    items alone: re-preparing the same source with the same options gives the same file, whatever the
+    number of workers and their timing.
+
+    Why: FFCV's workers take chunks of items from a shared queue and claim file pages as they fill them, so
+    which items share a page, the order of the pages and the order of the allocation table all follow the
+    race between the workers (the item bytes themselves are the same). One worker takes the chunks in order
+    and fills the pages in order. The rewrite copies every stored item as it is (StoredImageField: no
+    decoding or encoding), into a temp file renamed over `path`: one sequential pass over the file, next to
+    the encoding it follows (one extra file's worth of disk while it runs)."""
+    from ffcv.reader import Reader
+    from ffcv.writer import DatasetWriter
+    reader = Reader(str(path))
+    if int(reader.num_samples) == 0:
+        return   # no pages: nothing whose order could differ
+    stored = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+    image = stored["image"]
+    headers = np.zeros(len(image), dtype=HEADER_TYPE)
+    for key in ("mode", "height", "width"):
+        headers[key] = image[key]
+    images = StoredImages(headers, image["data_ptr"].astype(np.int64),
+                          allocation_sizes(reader.alloc_table, image["data_ptr"], path))
+    width = int(np.prod(fields["labels"].shape))
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    labels = np.array(mapped[stored["labels"].astype(np.int64)[:, None] + np.arange(width)])
+    del mapped
+    items = ItemsAsStored(path, images, labels)
+    temp = path.with_name(f".{path.name}.in-order")
+    try:
+        writer = DatasetWriter(str(temp), round_fields(fields), page_size=page_size, num_workers=1)
+        watched_write(writer, items, items.workers, lambda position: f"{path.name} item {position} (rewritten in "
+                      f"item order)", path.name, chunksize=1024)
+        record_image_field_type(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 UNKNOWN_FIELD_TYPE = 255   # what FFCV's writer records for a field class it has no type id for

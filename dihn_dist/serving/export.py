@@ -2,7 +2,8 @@
 [--append-to OLD_INDEX]
 
 Writes a FAISS binary index of a finished stage's database codes to FILE and its sidecar to FILE.json
-(both atomically; formats in `dihn_dist.serving.faiss_index`). FAISS ids are database rows. With --append-to, FILE is
+(published as one pair: a kill leaves the old pair or the new one, or a refusal that says how to restore
+the old one; formats in `dihn_dist.serving.faiss_index`). FAISS ids are database rows. With --append-to, FILE is
 OLD_INDEX with only the stage's new rows added: the stage's first rows must be exactly the rows OLD_INDEX
 holds (B_old of a chained round, frozen bit for bit), which is checked row by row before anything is written.
 
@@ -69,7 +70,7 @@ def export_index(run_dir, out, stage: Optional[str] = None, kind: Optional[str] 
     rounds.append({"run": str(run.root.resolve()), "stage": stage, "rows": [packed.shape[0] - added, packed.shape[0]],
                    "codes_sha256": checksum})
     sidecar = faiss_index.make_sidecar(index, run.code_length, checksum, run.root, stage, rounds)
-    faiss_index.write_index(index, out, sidecar)
+    sidecar = faiss_index.write_index(index, out, sidecar)
     return Export(Path(out), sidecar, added, None if append_to is None else Path(append_to))
 
 

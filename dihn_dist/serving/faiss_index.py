@@ -3,7 +3,7 @@
 torch-free like `exported.py`: numpy, the standard library, and faiss, imported only when an index is
 built or read (without it: one line saying how to install it).
 
-An index is two files, written atomically (the index first, the sidecar last):
+An index is two files, published as one unit (see write_index: the sidecar's rename is the commit):
 
     FILE        a FAISS binary index (faiss.write_index_binary; faiss.read_index_binary reads it):
                     flat  IndexBinaryFlat: exact, a linear scan of popcount(query XOR code)
@@ -12,7 +12,9 @@ An index is two files, written atomically (the index first, the sidecar last):
                 IVF and HNSW are approximate; their search settings (nprobe, efSearch) are stored in FILE.
     FILE.json   the sidecar (SIDECAR_FORMAT): which run and stage the codes come from, the code length,
                 the number of rows, how FAISS ids map to database rows, the checksum of the indexed codes
-                and one entry per round that made the index (see make_sidecar).
+                and one entry per round that made the index (see make_sidecar), and the size and sha256
+                of FILE itself ("index_file"), so that a reader tells a new FILE beside an old sidecar.
+    FILE.previous  only while a pair is replaced: the old FILE, which the old FILE.json describes.
 
 Codes and bits. FAISS binary indexes hold rows of d / 8 bytes and use the bytes as given: the distance is
 popcount(XOR), whatever bit order the bytes follow. An index row is the run's exported packed row byte for
@@ -44,15 +46,18 @@ first round (new rows go to their nearest existing list); HNSW links the new row
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..common.atomic import atomic_path, atomic_write_json
-from ..common.codes import BIT_ORDER, unpack_codes
+from ..common.atomic import fsync_file, temp_beside
+from ..common.codes import BIT_ORDER, pack_codes, unpack_codes  # noqa: F401 - pack_codes: the callers' name for it
 from ..common.errors import UsageError
 from ..common.formats import read_json_object
 
@@ -60,6 +65,7 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 FAISS_CLASSES = {"flat": "IndexBinaryFlat", "ivf": "IndexBinaryIVF", "hnsw": "IndexBinaryHNSW"}
 SIDECAR_FORMAT = {"format": "dihn_dist.faiss_index", "format_version": 1}
 SIDECAR_SUFFIX = ".json"
+PREVIOUS_SUFFIX = ".previous"
 INSTALL_HINT = "pip install 'dihn_dist[serve]' (or pip install faiss-cpu)"
 # Row sizes (bytes) that FAISS's Hamming distance has a dedicated kernel for; others use a generic loop.
 FAISS_FAST_CODE_SIZES = (4, 8, 16, 20, 32, 64)
@@ -227,6 +233,23 @@ def search(index, packed_queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.nd
     return np.take_along_axis(distances, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
+def shortfall_note(index, found: int, asked: int) -> Optional[str]:
+    """Why an approximate index returned `found` < `asked` rows (None when it returned them all)."""
+    if found >= asked:
+        return None
+    kind = kind_of(index)
+    if kind == "ivf":
+        why = (f"an IVF search visits only nprobe = {index.nprobe} of its nlist = {index.nlist} lists, and the "
+               f"lists nearest this query hold only {found} codes (index.nprobe = nlist searches every list)")
+    elif kind == "hnsw":
+        why = (f"the HNSW graph search (efSearch = {index.hnsw.efSearch}) reached only {found} rows from the "
+               f"query's entry point")
+    else:
+        why = f"the index holds {index.ntotal} rows"
+    return (f"note: the {kind} index returned {found} of the {asked} rows asked for: {why}; an index exported "
+            f"with --index flat is exact and always returns them all")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Files
 
@@ -260,14 +283,71 @@ def make_sidecar(index, code_length: int, codes_checksum: str, run: Path, stage:
     }
 
 
-def write_index(index, path, sidecar: dict) -> None:
-    """FILE then FILE.json, each atomically: a crash leaves the old pair, or a new index whose codes do not
-    match the old sidecar's checksum (load_index refuses it), never a half-written file."""
+def previous_path(index_path) -> Path:
+    return Path(str(index_path) + PREVIOUS_SUFFIX)
+
+
+def file_record(path: Path) -> Dict[str, Any]:
+    """The sidecar's "index_file": the index file's size and sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_index(index, path, sidecar: dict) -> dict:
+    """Publish FILE and FILE.json as one unit; returns the sidecar as written (with "index_file").
+
+    Both are written in full under temp names first. The old FILE, if any, is kept as FILE.previous (a hard
+    link) until the new pair is complete; then FILE is replaced, and replacing FILE.json commits the pair.
+    A kill at any point leaves the old pair, the new pair, or (between the two renames) a new FILE beside the
+    old FILE.json, which load_index tells from the recorded "index_file" and refuses, naming FILE.previous
+    and how to restore it; never a half-written file."""
     faiss = require_faiss()
     path = Path(path)
-    with atomic_path(path) as temp:
-        faiss.write_index_binary(index, str(temp))
-    atomic_write_json(sidecar_path(path), sidecar)
+    side = sidecar_path(path)
+    with temp_beside(path) as index_temp, temp_beside(side) as sidecar_temp:
+        faiss.write_index_binary(index, str(index_temp))
+        fsync_file(index_temp)
+        sidecar = {**sidecar, "index_file": file_record(index_temp)}
+        sidecar_temp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+        fsync_file(sidecar_temp)
+        keep_previous(path)
+        os.replace(index_temp, path)
+        os.replace(sidecar_temp, side)
+    previous_path(path).unlink(missing_ok=True)
+    return sidecar
+
+
+def keep_previous(path: Path) -> None:
+    """FILE.previous = the current FILE (if any), so that the old pair stays recoverable while it is replaced."""
+    previous = previous_path(path)
+    previous.unlink(missing_ok=True)
+    if not path.is_file():
+        return
+    try:
+        os.link(path, previous)
+    except OSError:   # a file system without hard links
+        shutil.copy2(path, previous)
+    fsync_file(previous)
+
+
+def check_index_file(path: Path, sidecar: dict) -> None:
+    """Refuse a FILE that is not the one FILE.json records while FILE.previous is: an interrupted write_index."""
+    recorded = sidecar.get("index_file")
+    previous = previous_path(path)
+    if not isinstance(recorded, dict) or not previous.is_file():
+        return   # no interrupted replacement (other mismatches: the checks of load_index name them)
+    current = file_record(path)
+    if current == recorded or file_record(previous) != recorded:
+        return
+    raise IndexMismatchError(
+        f"{path}: is not the index its sidecar {sidecar_path(path).name} describes ({current['bytes']} bytes, "
+        f"sha256 {current['sha256'][:16]}...; the sidecar records {recorded['bytes']} bytes, sha256 "
+        f"{recorded['sha256'][:16]}...): an export into it was interrupted between writing the index and its "
+        f"sidecar; {previous} is the previous index, which the sidecar describes: restore the previous pair "
+        f"with mv {previous} {path}, then rerun the export")
 
 
 @dataclass
@@ -329,6 +409,7 @@ def load_index(path) -> ServedIndex:
     path = Path(path)
     index = read_faiss_index(path)
     sidecar = read_sidecar(path)
+    check_index_file(path, sidecar)
     side = sidecar_path(path)
     kind = kind_of(index)
     code_length = int(sidecar["code_length"])

@@ -27,6 +27,7 @@ import torch
 from ..common import errors
 from ..common.formats import INCREMENTAL, STAGES
 from ..data.loader import Normaliser, eval_batches, eval_crop_ratio
+from ..data.parts import MIN_STORED_SIDE
 from ..data.prepared import IMAGENET_MEAN, IMAGENET_STD, PreparedData, hide_discarded_loader_noise, load_prepared
 from ..method import metrics
 from ..models.networks import build_model, encode_batches, input_resolution
@@ -69,6 +70,7 @@ class Retrieval:
     items: List[RetrievedItem]
     sheet: Optional[Path] = None
     ranked_by: Optional[str] = None    # the FAISS index that ranked the database (None: the exact ranking)
+    note: Optional[str] = None         # why fewer than --topk results came back (an approximate index)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,9 +122,13 @@ def read_image_file(path: Path):
         raise FileNotFoundError(f"--query {path}: no such image file (an integer selects a row of the query set)")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            image = image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ValueError(f"--query {path}: cannot read the image ({error})") from error
+    if min(image.size) < MIN_STORED_SIDE:   # prepare's rule for every stored image, applied to queries too
+        raise ValueError(f"--query {path}: {image.size[0]} x {image.size[1]} px; images need both sides >= "
+                         f"{MIN_STORED_SIDE} px (prepare refuses smaller ones too)")
+    return image
 
 
 def preprocess_file_image(image, resolution: int, crop_ratio: float) -> torch.Tensor:
@@ -325,7 +331,8 @@ def retrieve(run_dir, query: Union[int, str, Path], stage: Optional[str] = None,
         order, distances = rank_with_faiss(served, code, k)
     retrieval = Retrieval(stage, description, None if labels is None else names_of(labels, run.class_names), code,
                           matches, retrieved_items(order, distances, run, labels),
-                          ranked_by=None if served is None else f"{served.sidecar['faiss_class']} {served.path}")
+                          ranked_by=None if served is None else f"{served.sidecar['faiss_class']} {served.path}",
+                          note=None if served is None else faiss_index.shortfall_note(served.index, len(order), k))
     if write_sheet:
         sheet_path = Path(out) if out else default_sheet_path(run, stage, query)
         shown = database_images(data, order, resolution, num_workers)
@@ -354,6 +361,8 @@ def format_retrieval(retrieval: Retrieval) -> str:
         lines.append(f"{sum(known)}/{len(known)} relevant")
     if retrieval.ranked_by:
         lines.append(f"ranked by FAISS {retrieval.ranked_by} (rows tied at the last distance: FAISS's choice)")
+    if retrieval.note:
+        lines.append(retrieval.note)
     if retrieval.sheet:
         lines.append(f"contact sheet: {retrieval.sheet}")
     return "\n".join(lines)
