@@ -426,7 +426,7 @@ def test_a_kill_while_replacing_an_index_leaves_a_complete_pair_or_says_how_to_r
     if point == "between the two renames":
         previous = faiss_index.previous_path(path)
         refused(capsys, [rounds[1], "--faiss", path, "--append-to", path], f"{path}: is not the index its sidecar",
-                f"interrupted", f"restore the previous pair with mv {previous} {path}, then rerun the export")
+                "interrupted", f"restore the previous pair with mv {previous} {path}, then rerun the export")
         previous.replace(path)                                   # the restore the message names
         assert np.array_equal(faiss_index.load_index(path).codes, old)
         export.export_index(rounds[1], path, append_to=path)    # and the rerun
