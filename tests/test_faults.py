@@ -629,3 +629,116 @@ def test_a_kill_9_of_prepare_ends_its_writer_workers(tmp_path):
         for child in children:   # only if the test failed: never leave them running
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors name the thing the user gave: the checkpoint file, --out (never a temp folder inside it or an
+# image), an --old-run that is prepared data
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_checkpoint_is_named_before_anything_is_written(tiny_prepared, tmp_path, damage):
+    out = tmp_path / "run"
+    base = ["--data", str(tiny_prepared), "--out", str(out), *TINY, "--max-iter", "2", "--stage", "original"]
+    assert train.main(base) == 0
+    shutil.rmtree(out / "original")  # as if stopped after iteration 2's checkpoint
+    checkpoint = out / "checkpoints" / "original.pt"
+    os.truncate(checkpoint, checkpoint.stat().st_size // 2 if damage == "truncated" else 0)
+    before = checksums(out)
+    code, stderr = train_cli(*base, "--resume")
+    assert code == 2
+    line = error_line(stderr)
+    assert line.startswith(f"error: {checkpoint}: the checkpoint of stage original cannot be read (")
+    assert "truncated or damaged); delete it to start stage original again from its first outer iteration" in line
+    assert checksums(out) == before
+
+
+def test_evaluate_out_an_existing_file_is_one_line(finished_run, tmp_path, capsys):
+    from dihn_dist import evaluate
+    out = tmp_path / "report.txt"
+    out.write_text("keep me")
+    capsys.readouterr()
+    assert evaluate.main([str(finished_run), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"error: --out {out}: exists and is not a folder; choose a folder for the report"
+    assert out.read_text() == "keep me"
+
+
+def test_old_run_a_prepared_data_folder_is_named_as_such(tiny_prepared, tmp_path):
+    out = tmp_path / "run"
+    before = checksums(tiny_prepared)
+    code, stderr = train_cli("--data", str(tiny_prepared), "--out", str(out), *TINY, "--max-iter", "1",
+                             "--stage", "incremental", "--old-run", str(tiny_prepared))
+    assert code == 2
+    assert error_line(stderr) == f"error: --old-run {tiny_prepared}: is a prepared data folder, not a run folder; " \
+                                 f"pass the --out of the run trained on it (or --old-codes FILE)"
+    assert not out.exists() and checksums(tiny_prepared) == before
+
+
+def read_only(folder: Path):
+    """Make `folder` unwritable for this process (root ignores permissions: the immutable flag then), or skip."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i: no way to make a folder read-only")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def prepare_subprocess(*argv, fsize=None):
+    """(exit code, the error line) of prepare in a process of its own, optionally with a file size limit that
+    makes every write past it fail as on a full disk (Python ignores SIGXFSZ: the write gets EFBIG)."""
+    import resource
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
+    result = subprocess.run([sys.executable, "-m", "dihn_dist.prepare", *map(str, argv), "--num-workers", "1"],
+                            capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    return result.returncode, error_line(result.stderr)
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+@pytest.mark.parametrize("problem", ["read-only", "a file on its path"])
+def test_out_that_cannot_be_created_is_named(tiny_prepared, tmp_path, command, problem):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    if problem == "read-only":
+        out, undo = parent / "out", read_only(parent)
+    else:
+        (parent / "file").write_text("keep me")
+        out, undo = parent / "file" / "out", lambda: None
+    try:
+        if command == "prepare":
+            source = write_image_list(tmp_path / "src")
+            code, line = prepare_subprocess(*source["options"], "--out", out)
+        else:
+            code, stderr = train_cli("--data", str(tiny_prepared), "--out", str(out), *TINY, "--max-iter", "1")
+            line = error_line(stderr)
+    finally:
+        undo()
+    reason = "a part of its path is a file, not a folder" if problem == "a file on its path" else ""
+    assert code == 2
+    assert line.startswith(f"error: --out {out}: cannot create it ({reason}") and \
+        line.endswith("); choose a writable --out"), line
+    assert ".partial" not in line
+    assert sorted(p.name for p in parent.iterdir()) == ([] if problem == "read-only" else ["file"])
+
+
+def test_prepare_on_a_full_disk_names_out_not_an_image(tmp_path):
+    source = write_image_list(tmp_path / "src")
+    out = tmp_path / "out"
+    code, line = prepare_subprocess(*source["options"], "--out", out, fsize=4096)
+    assert code == 1
+    assert line == f"error: OSError: --out {out}: could not write the preparation (File too large, while a " \
+                   f"writer worker wrote query.beton); nothing was written to --out: make room or choose another --out"
+    assert_nothing_written(out)
+
+
+def test_train_on_a_full_disk_names_out(tiny_prepared, tmp_path):
+    import resource
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "dihn_dist.train", "--data", str(tiny_prepared), "--out",
+                             str(out), *TINY, "--max-iter", "1"], capture_output=True, text=True, timeout=600,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)))
+    assert result.returncode == 1
+    assert error_line(result.stderr) == f"error: OSError: --out {out}: could not write the run folder (File too " \
+                                        f"large); make room or choose another --out, then run the command again"
+    assert not (out / "config.json").exists()  # no run recorded: the same command starts afresh

@@ -22,6 +22,15 @@ class UsageError(ValueError):
     """Raised where no more specific ValueError/FileNotFoundError fits: the request itself is wrong."""
 
 
+def cannot_create(flag: str, path, error: OSError) -> ValueError:
+    """The one line for an output folder that cannot be created (read-only, no permission, a file on its
+    path): it names the flag and the folder the user gave, never a temp path inside it."""
+    reason = error.strerror or str(error)
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        reason = "a part of its path is a file, not a folder"
+    return ValueError(f"{flag} {path}: cannot create it ({reason}); choose a writable {flag}")
+
+
 def exit_code(error: BaseException) -> int:
     return USAGE if isinstance(error, (ValueError, FileNotFoundError)) else RUNTIME
 

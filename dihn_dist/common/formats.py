@@ -24,6 +24,10 @@ MANIFEST = "manifest.json"
 # A run folder (python -m dihn_dist.train --out): format.json is its marker, written before anything else.
 RUN_FORMAT = {"format": "dihn_dist.run", "format_version": 1}
 FOLDER_MARKER = "format.json"
+# The lock a trainer holds on its run folder for the whole run (rank 0, fcntl.flock): it holds the holder's
+# pid and host. The kernel drops the lock when the process dies, so a file left behind locks nothing, and a
+# folder that holds only this file is still empty.
+RUN_LOCK = ".train.lock"
 
 # The files of a format-version-1 preparation (no marker): recognised only when a folder holds exactly these.
 PREPARED_V1_FILES = frozenset({MANIFEST, "query.beton", "database.beton", "query_labels.npy", "database_labels.npy",
@@ -67,7 +71,7 @@ def folder_kind(path) -> str:
         return {PREPARED_FORMAT: "prepared", RUN_FORMAT["format"]: "run"}.get(marker.get("format"), "other")
     if (path / FOLDER_MARKER).exists():
         return "other"   # a format.json that is not ours (or unreadable): not ours to judge
-    names = {entry.name for entry in path.iterdir()}
+    names = {entry.name for entry in path.iterdir()} - {RUN_LOCK}
     if not names:
         return "empty"
     if names == PREPARED_V1_FILES and is_prepared_v1_manifest(path / MANIFEST):

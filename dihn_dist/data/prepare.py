@@ -49,6 +49,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -59,6 +60,7 @@ from typing import Dict, List, Optional
 
 from loguru import logger
 
+from ..common.errors import cannot_create
 from ..common.formats import (
     FOLDER_MARKER,
     MANIFEST,
@@ -83,6 +85,7 @@ from .manifest import (
 from .parts import DEFAULT_MAX_SIDE, MIN_STORED_SIDE, read_back_parts, write_parts_skipping_bad
 from .sources import SourceDataset, open_dataset
 from .split import check_classes, make_split, resolve_num_seen, unanswerable_queries_warning
+from .writer import WRITE_ERRNOS
 
 
 def available_cpus() -> int:
@@ -276,15 +279,26 @@ def prepare(args: argparse.Namespace) -> Path:
 
 
 def write_atomically(out: Path, write) -> None:
-    """write(folder) into a temporary folder beside `out`, renamed to `out` once complete; removed on any error."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out)
-    temporary = temporary_folder(out)
-    temporary.mkdir()
+    """write(folder) into a temporary folder beside `out`, renamed to `out` once complete; removed on any error.
+    The errors of writing name --out: the temporary folder is ours, not the user's."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out)
+        temporary = temporary_folder(out)
+        temporary.mkdir()
+    except OSError as error:
+        raise cannot_create("--out", out, error) from None
     try:
         write_marker(temporary)
         write(temporary)
         publish(temporary, out)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        ours = str(error.filename or "").startswith(str(temporary))
+        if error.errno in WRITE_ERRNOS or (ours and error.errno in (errno.EACCES, errno.EPERM)):
+            raise OSError(f"--out {out}: could not write the preparation ({error.strerror or error}); nothing "
+                          f"was written to --out: make room or choose another --out") from None
+        raise
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import mmap
 import multiprocessing
@@ -52,8 +53,30 @@ WORKER_STALL_SECONDS = 600.0   # no writer worker taking a new item for this lon
 QUEUE_POLL_SECONDS = 0.2
 
 
+# Errors that only writing raises: a worker that fails with one of these could not write the .beton (a full
+# disk or quota, a file size limit, a read-only filesystem); its image is not to blame.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
 class WriterWorkerDied(RuntimeError):
     """A writer worker died (or all of them stalled): the message names the worker and its item."""
+
+
+class RecordWriteErrors:
+    """A writer worker's target that notes a write error (WRITE_ERRNOS) in shared memory before it ends the
+    worker, so that the parent reports the output, not the image the worker was on."""
+
+    def __init__(self, target, write_errno):
+        self.target = target
+        self.write_errno = write_errno
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self.target(*args, **kwargs)
+        except OSError as error:
+            if error.errno in WRITE_ERRNOS:
+                self.write_errno.value = error.errno
+            raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,9 +151,11 @@ class WorkerWatch:
         self.owner = os.getpid()
         self.processes: List[multiprocessing.Process] = []
         self.queues: List[WatchedQueue] = []
+        self.write_errno = multiprocessing.Value(ctypes.c_int, 0, lock=False)
         self.progress = (table.snapshot(), time.monotonic())
 
     def Process(self, target=None, args=(), **kwargs) -> multiprocessing.Process:   # noqa: N802 - a class
+        target = RecordWriteErrors(target, self.write_errno)
         process = multiprocessing.Process(target=run_dying_with_parent, args=(os.getpid(), target, *args), **kwargs)
         self.processes.append(process)
         return process
@@ -151,6 +176,9 @@ class WorkerWatch:
         for process in self.processes:
             code = process.exitcode
             if code not in (None, 0):
+                if self.write_errno.value:
+                    number = self.write_errno.value
+                    raise OSError(number, f"{os.strerror(number)}, while a writer worker wrote {self.what}")
                 raise WriterWorkerDied(self.death_message(process.pid, code))
         snapshot, since = self.progress
         now = time.monotonic()

@@ -208,11 +208,49 @@ def broadcast_codes(codes: Optional[torch.Tensor], rows: int, code_length: int) 
     return unpack_codes(packed, code_length).to(_context.device), packed.numel()
 
 
-def rank0_computes(compute: Callable[[], Any], receive: Callable[[Any], Any] = None) -> Any:
-    """`compute()` on rank 0 alone, its result handed to every rank by `receive` (which gets None on the other
-    ranks; default: broadcast_object). The one place where work is split by rank, so callers never branch."""
-    receive = receive or broadcast_object
+def rank0_computes(compute: Callable[[], Any], receive: Callable[[Any], Any]) -> Any:
+    """`compute()` on rank 0 alone, its result handed to every rank by `receive`, which gets None on the other
+    ranks (for tensors with a broadcast of their own, e.g. broadcast_codes; objects and verdicts: rank0_decides)."""
     return receive(compute() if _context.is_main else None)
+
+
+def rank0_decides(check: Callable[[], Any]) -> Any:
+    """`check()` on rank 0 alone, and its verdict on every rank: what it returned, or the error it raised,
+    raised again on every rank (the same one line everywhere).
+
+    For every decision about files that rank 0 writes (the run folder, a finished stage, a checkpoint):
+    a rank that looked for itself could see them before rank 0 created them and again after, or not yet
+    (a shared filesystem's cache), and act on another verdict than rank 0's. The broadcast is also the
+    barrier: no rank goes on before rank 0 has decided."""
+    if not _context.distributed:
+        return check()
+    raised, verdict = None, None
+    if _context.is_main:
+        try:
+            verdict = (check(), None)
+        except Exception as error:  # noqa: B902 - whatever it is, every rank must end with it
+            raised, verdict = error, (None, _sendable(error))
+    result, error = broadcast_object(verdict)
+    if raised is not None:
+        raise raised
+    if error is not None:
+        raise error
+    return result
+
+
+def _sendable(error: Exception) -> Exception:
+    """The error as it can travel to the other ranks: itself when it survives pickling as the same type and
+    message, else an error of the same exit code with its one line."""
+    import pickle
+
+    from ..common.errors import USAGE, UsageError, exit_code, one_line
+    try:
+        copy = pickle.loads(pickle.dumps(error))
+        if type(copy) is type(error) and str(copy) == str(error):
+            return copy
+    except Exception:  # noqa: B902 - an exception type that does not pickle: fall through
+        pass
+    return UsageError(one_line(error)) if exit_code(error) == USAGE else RuntimeError(one_line(error))
 
 
 def broadcast_object(obj: Any) -> Any:

@@ -254,10 +254,9 @@ def evaluate_run(run_dir, topk: Optional[int] = None, precision_k: Optional[int]
     run = load_run(run_dir)
     topk = run.config.get("topk") if topk is None else (topk if topk > 0 else None)
     precision_k = precision_k or run.config.get("precision_k") or Config.precision_k
+    out = figures.make_report_folder(Path(out) if out else run.root / "report")  # refused before the work
     stages = load_stages(run)
     reports = [evaluate_stage(run, stage, topk, precision_k) for stage in stages.values()]
-    out = Path(out) if out else run.root / "report"
-    out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(reports, out, run.code_length)
     summary = {"run": str(run.root), "data": data_summary(run), "backbone": backbone_description(run.config),
                "topk": topk, "precision_k": precision_k,

@@ -6,10 +6,39 @@ import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple
 
+from ..common.errors import cannot_create
+from ..common.formats import STAGES, folder_kind
+
 # Figures are saved at a fixed size (no tight bounding box), so every PNG has a predictable pixel size.
 DPI = 100
 # Recomputed values equal the trainer's up to the order of float summation.
 RECORDED_TOLERANCE = 1e-9
+
+
+# The folders of a run that hold what the trainer wrote: a report never goes into one of them.
+RUN_OWN_FOLDERS = frozenset(STAGES) | {"checkpoints", "logs", "tensorboard"}
+
+
+def make_report_folder(out: Path) -> Path:
+    """--out of a report, created: a new folder or one of its own, never a file, prepared data, a run folder
+    or one of a run folder's own folders (a report beside a run's files would be taken for part of it)."""
+    kind = folder_kind(out)
+    if kind == "prepared":
+        raise ValueError(f"--out {out}: is a prepared data folder; a report never writes into data: choose "
+                         f"another --out")
+    if kind == "run":
+        raise ValueError(f"--out {out}: is a run folder; write the report into a folder of its own (the "
+                         f"default is {out / 'report'})")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder; choose a folder for the report")
+    if out.name in RUN_OWN_FOLDERS and folder_kind(out.parent) == "run":
+        raise ValueError(f"--out {out}: is a folder of the run {out.parent}, written by the trainer; choose "
+                         f"another --out (the default is {out.parent / 'report'})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise cannot_create("--out", out, error) from None
+    return out
 
 
 def new_figure(inches: Tuple[float, float], panels: int = 1):

@@ -434,8 +434,7 @@ def rounds_report(run_dirs: List, topk: Optional[int] = None, out: Optional[Path
     averages = {series: forgotten[series][1] for series in SERIES}
     tables = {"rounds": summary_rows(rounds, averages), "query_rounds": query_round_rows(rounds, maps),
               "forgetting": forgetting_rows(rounds, {s: forgotten[s][0] for s in SERIES}, averages)}
-    out = Path(out) if out else rounds[-1].run.root / "rounds-report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = figures.make_report_folder(Path(out) if out else rounds[-1].run.root / "rounds-report")
     plots = {"rounds_map": plot_map_per_round(rounds, out / "rounds_map.png").name,
              "rounds_forgetting": plot_query_rounds(rounds, maps, out / "rounds_forgetting.png").name}
     summary = {"runs": [str(r.run.root) for r in rounds], "data": data_summary(rounds), "topk": topk,

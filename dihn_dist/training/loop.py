@@ -12,7 +12,9 @@ Each stage is Algorithm 1 of the paper (`StageTraining.fit`):
 
 Stage 2 learns only the incremental items' codes B_new; B_old stays bit-identical (checked by checksum
 before and after). Under torchrun every rank runs this same code: dist.py owns the communication, and
-runfolder.py and reporting.py write on rank 0 only.
+runfolder.py and reporting.py write on rank 0 only. Whatever depends on files rank 0 writes (may --out be
+used, is a stage finished, its codes, a checkpoint) is decided by rank 0 alone and received by every rank
+(comm.rank0_decides), errors included.
 """
 from __future__ import annotations
 
@@ -57,25 +59,38 @@ from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_gene
 def train(config: Config) -> int:
     """Check every input, then run the configured stages in order and report every finished one."""
     data, run = check_inputs(config)  # nothing is written before this returns
-    run.create(config, data)
-    torch.autograd.set_detect_anomaly(config.debug)
-    with logging_to(run, config.debug), Reporter(run) as reporter:
-        log_start(config, data, run, untrained_backbone_warning(config.arch, config.pretrained))
-        for name in config.stage:
-            run_stage(name, config, data, run, reporter)
-        summary = run.write_metrics()
-        print_table(summary["stages"])
-        reporter.hparams(config.to_json(), {f"{r['stage']}_map_all": r["map_all"] for r in summary["rows"]})
+    try:
+        run.create(config, data)
+        torch.autograd.set_detect_anomaly(config.debug)
+        with logging_to(run, config.debug), Reporter(run) as reporter:
+            log_start(config, data, run, untrained_backbone_warning(config.arch, config.pretrained))
+            for name in config.stage:
+                run_stage(name, config, data, run, reporter)
+            summary = run.write_metrics()
+            print_table(summary["stages"])
+            reporter.hparams(config.to_json(), {f"{r['stage']}_map_all": r["map_all"] for r in summary["rows"]})
+    finally:
+        run.release()
     return 0
 
 
 def check_inputs(config: Config):
     """Everything that can be wrong with the command, checked before the run folder is touched, so that a
-    failed start leaves nothing behind that would block the corrected command."""
+    failed start leaves nothing behind that would block the corrected command. Returns (data, run) with
+    rank 0 holding the run folder's lock when it is already a run folder (else create takes it)."""
+    delay_for_tests()
+    run = RunFolder(config.out)
+    try:
+        return check_inputs_of(config, run)
+    except BaseException:
+        run.release()
+        raise
+
+
+def check_inputs_of(config: Config, run: RunFolder):
     ctx = comm.context()
     data = load_data(config)
-    run = RunFolder(config.out)
-    run.check_resume(config, data.manifest)
+    comm.rank0_decides(lambda: run.claim(config, data.manifest))
     if config.batch_size < ctx.world_size:
         raise ValueError(f"--batch-size {config.batch_size}: the global batch must hold at least one item per "
                          f"process ({ctx.world_size} processes)")
@@ -87,10 +102,18 @@ def check_inputs(config: Config):
     if INCREMENTAL in config.stage and data.num_database == data.num_original:
         raise ValueError(f"--stage incremental: --data {data.root} has no new items (all {data.num_database} "
                          f"database rows are inherited); prepare the next round with prepare --extends")
-    if INCREMENTAL in config.stage and ORIGINAL not in config.stage and not run.stage_complete(INCREMENTAL):
-        load_old_codes(config, data, run)
+    if INCREMENTAL in config.stage and ORIGINAL not in config.stage:
+        comm.rank0_decides(lambda: check_old_codes(config, data, run))
+    if config.resume:
+        comm.rank0_decides(lambda: run.check_checkpoints(config.stage))
     build_model(config.arch, config.code_length, config.pretrained)  # a bad --pretrained file fails here
     return data, run
+
+
+def check_old_codes(config: Config, data: PreparedData, run: RunFolder) -> None:
+    """B_old can be read, unless this run's stage 2 is finished already."""
+    if not run.stage_complete(INCREMENTAL):
+        load_old_codes(config, data, run)
 
 
 def load_data(config: Config) -> PreparedData:
@@ -105,11 +128,12 @@ def load_data(config: Config) -> PreparedData:
 
 def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, reporter: Reporter) -> dict:
     """One stage from its start (or its checkpoint) to its exported codes."""
-    if run.stage_complete(name):
+    finished = comm.rank0_decides(lambda: run.read_json(name, "result.json") if run.stage_complete(name) else None)
+    if finished is not None:
         logger.info(f"stage {name}: already complete in {run.root}, skipped")
-        return run.read_json(name, "result.json")
+        return finished
     stage = stage_spec(name, config, data)
-    frozen = load_old_codes(config, data, run) if name == INCREMENTAL else None
+    frozen = comm.rank0_decides(lambda: load_old_codes(config, data, run)) if name == INCREMENTAL else None
     training = StageTraining(stage, config, data, run, reporter, initial_codes(stage, config, frozen))
     logger.info(f"stage {name}: {stage.num_database} database items ({stage.num_frozen} frozen), "
                 f"{config.max_iter} outer iterations x {config.max_epoch} epochs x {config.num_samples} samples")
@@ -302,7 +326,7 @@ class StageTraining:
         query_codes = encode(self.model, self.data, "query", self.config, self.resolution, self.precision)
         encoded = time.perf_counter()  # encode ends in a gather: every rank's shard is done
         query_labels = torch.from_numpy(self.data.query_labels).to(query_codes.device)
-        row = comm.rank0_computes(lambda: metrics.retrieval_row(
+        row = comm.rank0_decides(lambda: metrics.retrieval_row(
             query_codes, self.codes.to(torch.int8), query_labels, self.labels, self.data.num_seen, self.config.topk,
             self.config.precision_k))
         return row, query_codes, {"eval_encode_s": encoded - started, "eval_metrics_s": time.perf_counter() - encoded}
@@ -346,6 +370,17 @@ def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config
     if local is None:  # more ranks than rows
         local = torch.empty(0, config.code_length, dtype=torch.int8, device=ctx.device)
     return comm.gather_rows(local).to(ctx.device)
+
+
+def delay_for_tests() -> None:
+    """Fault injection for the tests: DIHN_DELAY_RANK="rank=R,seconds=S" makes rank R start its checks S
+    seconds late, as a rank that loads its data slowly does."""
+    spec = os.environ.get("DIHN_DELAY_RANK")
+    if not spec:
+        return
+    target = dict(item.split("=") for item in spec.split(","))
+    if int(target["rank"]) == comm.context().rank:
+        time.sleep(float(target["seconds"]))
 
 
 def inject_failure(iteration: int, model: torch.nn.Module) -> None:

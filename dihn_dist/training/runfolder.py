@@ -21,17 +21,23 @@ never branches on rank to save something. The checks that decide whether a comma
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
+import os
+import socket
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+from loguru import logger
 
 from ..common.atomic import atomic_write_bytes, atomic_write_json
 from ..common.codes import pack_codes
+from ..common.errors import cannot_create
 from ..common.formats import (
     FOLDER_MARKER,
     IMAGE_DIGEST_FILES,
@@ -39,6 +45,7 @@ from ..common.formats import (
     ORIGINAL,
     PUBLISHED_STAGES,
     RUN_FORMAT,
+    RUN_LOCK,
     STAGE_TITLES,
     STAGES,
     folder_kind,
@@ -72,8 +79,9 @@ def codes_checksum(codes: torch.Tensor) -> str:
 
 
 # Settings that name files: config.json keeps them absolute, so that the commands the tools print
-# (`--config RUN/config.json --out RUN ...`) work from any folder.
-PATH_SETTINGS = ("data", "old_run", "old_codes", "pretrained")
+# (`--config RUN/config.json --out RUN ...`) work from any folder, and `--config RUN/config.json --resume`
+# run from another folder continues RUN instead of starting a run under that folder.
+PATH_SETTINGS = ("data", "root", "out", "old_run", "old_codes", "pretrained")
 
 
 def stored_settings(config) -> dict:
@@ -107,6 +115,7 @@ def data_differences(saved: dict, current: dict) -> List[str]:
 class RunFolder:
     def __init__(self, root):
         self.root = Path(root)
+        self._lock = None  # rank 0's open lock file while this trainer holds the folder
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -138,6 +147,64 @@ class RunFolder:
 
     def read_json(self, *parts: str) -> dict:
         return json.loads(self.path(*parts).read_text())
+
+    # ------------------------------------------------------------------------------------------------
+    # One trainer per run folder: rank 0 holds an exclusive lock on it from its first check to the end
+
+    def claim(self, config, manifest: dict) -> None:
+        """May this command use the folder (check_resume)? A run folder is locked first, so that a second
+        trainer is refused before it reads or writes anything. Rank 0's decision (comm.rank0_decides)."""
+        if folder_kind(self.root) == "run":
+            self.lock()
+        try:
+            self.check_resume(config, manifest)
+        except BaseException:
+            self.release()
+            raise
+
+    def lock(self) -> None:
+        """Take the folder's lock for the rest of this trainer's run, or refuse naming its holder."""
+        if self._lock is not None:
+            return
+        path = self.path(RUN_LOCK)
+        try:
+            handle = open(path, "a+")
+        except OSError as error:
+            raise ValueError(f"--out {self.root}: cannot write into it ({error.strerror or error}); choose a "
+                             f"writable --out") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "its pid and host not written yet"
+            handle.close()
+            raise ValueError(f"--out {self.root}: another trainer is using this run folder ({holder}; it holds "
+                             f"{path}); wait until it ends, or stop it, before starting another trainer on this "
+                             f"folder") from None
+        except OSError as error:
+            # Some parallel filesystems are mounted without lock support: train unguarded rather than never.
+            handle.close()
+            logger.warning(f"{path}: the filesystem refuses locks ({error.strerror or error}); nothing stops a "
+                           f"second trainer from using {self.root} at the same time")
+            self._lock = False
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def release(self) -> None:
+        """Let go of the lock (the kernel does it anyway when the process ends, however it ends). The pid and
+        host are wiped first, while still holding it, so that a trainer that ended, or was refused by a check,
+        leaves the file empty and names no one."""
+        if self._lock:
+            try:
+                self._lock.truncate(0)
+            except OSError:
+                pass
+            self._lock.close()
+        self._lock = None
 
     # ------------------------------------------------------------------------------------------------
     # Checks before anything is written
@@ -174,27 +241,39 @@ class RunFolder:
     # Writing (main process only)
 
     def create(self, config, data) -> None:
-        """The marker, the settings (stages asked of this run so far), the data's manifest and labels."""
-        if comm.context().is_main:
-            self._create(config, data)
-        comm.barrier()
+        """The marker, the settings (stages asked of this run so far), the data's manifest and labels.
+        Rank 0 writes; every rank gets its success or its error."""
+        comm.rank0_decides(lambda: self._create(config, data))
 
     def _create(self, config, data) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise cannot_create("--out", self.root, error) from None
+        if self._lock is None:
+            self.lock()
+            # Again under the lock: another trainer may have started a run here since the first check.
+            self.check_resume(config, data.manifest)
         self.remove_stale_temp_files()
         stages = list(config.stage)
         if self.has_run():
             stages += self.read_json("config.json").get("stage", [])
         settings = {**stored_settings(config), "stage": [s for s in STAGES if s in stages]}
-        atomic_write_json(self.path("format.json"), RUN_FORMAT)
-        atomic_write_json(self.path("config.json"), settings)
-        atomic_write_json(self.path("manifest.json"), data.manifest)
-        atomic_save_numpy(self.path("database_labels.npy"), data.database_labels)
-        atomic_save_numpy(self.path("query_labels.npy"), data.query_labels)
-        # A later round's --old-run checks, item by item, that its data begins with this run's.
-        digests = data.root / IMAGE_DIGEST_FILES["database"]
-        if digests.is_file():
-            atomic_write_bytes(self.path(IMAGE_DIGEST_FILES["database"]), digests.read_bytes())
+        try:
+            atomic_write_json(self.path("format.json"), RUN_FORMAT)
+            atomic_write_json(self.path("manifest.json"), data.manifest)
+            atomic_save_numpy(self.path("database_labels.npy"), data.database_labels)
+            atomic_save_numpy(self.path("query_labels.npy"), data.query_labels)
+            # A later round's --old-run checks, item by item, that its data begins with this run's.
+            digests = data.root / IMAGE_DIGEST_FILES["database"]
+            if digests.is_file():
+                atomic_write_bytes(self.path(IMAGE_DIGEST_FILES["database"]), digests.read_bytes())
+            # Last: a folder without config.json holds no run yet, so a start that failed here is not
+            # taken for a run by the next command.
+            atomic_write_json(self.path("config.json"), settings)
+        except OSError as error:
+            raise OSError(f"--out {self.root}: could not write the run folder ({error.strerror or error}); make "
+                          f"room or choose another --out, then run the command again") from None
 
     def remove_stale_temp_files(self) -> None:
         """Temp files of writes that a kill -9 interrupted (never renamed into place)."""
@@ -221,12 +300,15 @@ class RunFolder:
         comm.barrier()
 
     def write_metrics(self) -> dict:
-        """metrics.json from every finished stage of the run, whichever command finished it."""
+        """metrics.json from every finished stage of the run, whichever command finished it (read and
+        written by rank 0, the summary sent to every rank)."""
+        return comm.rank0_decides(self._write_metrics)
+
+    def _write_metrics(self) -> dict:
         results = {stage: self.read_json(stage, "result.json") for stage in self.finished_stages()}
         summary = {"rows": [{"name": STAGE_TITLES[k], "stage": k, **v["row"]} for k, v in results.items()],
                    "stages": results}
-        if comm.context().is_main:
-            atomic_write_json(self.path("metrics.json"), summary)
+        atomic_write_json(self.path("metrics.json"), summary)
         return summary
 
     # ------------------------------------------------------------------------------------------------
@@ -234,14 +316,46 @@ class RunFolder:
 
     def restore_checkpoint(self, stage: str, **objects) -> Optional[dict]:
         """Load a stage's checkpoint into the given objects (each by load_state_dict); return the whole
-        checkpoint for its plain values, or None when the stage has none."""
-        path = self.checkpoint_path(stage)
-        if not path.is_file():
+        checkpoint for its plain values, or None when the stage has none. Rank 0 reads it and sends it to
+        every rank, so every rank resumes from the same iteration (or none does)."""
+        checkpoint = comm.rank0_decides(lambda: self.read_checkpoint(stage))
+        if checkpoint is None:
             return None
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         for name, target in objects.items():
             target.load_state_dict(checkpoint[name])
         return checkpoint
+
+    def read_checkpoint(self, stage: str) -> Optional[dict]:
+        path = self.checkpoint_path(stage)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # noqa: B902 - torch reports damage as RuntimeError, EOFError, pickle errors
+            raise ValueError(self.damaged_checkpoint(stage, error)) from None
+
+    def check_checkpoints(self, stages) -> None:
+        for stage in stages:
+            if not self.stage_complete(stage):
+                self.check_checkpoint(stage)
+
+    def check_checkpoint(self, stage: str) -> None:
+        """A truncated or empty checkpoint, named before anything is written (only its zip directory is read:
+        it sits at the end of the file, so a cut-off file has none)."""
+        path = self.checkpoint_path(stage)
+        if not path.is_file():
+            return
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            raise ValueError(self.damaged_checkpoint(stage, error)) from None
+
+    def damaged_checkpoint(self, stage: str, error: BaseException) -> str:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        return (f"{self.checkpoint_path(stage)}: the checkpoint of stage {stage} cannot be read ({reason}; the "
+                f"file is truncated or damaged); delete it to start stage {stage} again from its first outer "
+                f"iteration (finished stages are kept), or put back an intact copy of it")
 
 
 def _resume_invariants():
@@ -279,6 +393,14 @@ def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
 def check_old_run(source: RunFolder, config, data) -> None:
     """--old-run must be a finished run of the same code length whose database begins --data's."""
     from ..data.prepared import check_database_prefix
+    kind = folder_kind(source.root)
+    if kind == "prepared":
+        raise ValueError(f"--old-run {source.root}: is a prepared data folder, not a run folder; pass the --out of "
+                         f"the run trained on it (or --old-codes FILE)")
+    if kind != "run":
+        what = "does not exist" if kind == "missing" else f"is not a dihn_dist run folder (no {FOLDER_MARKER} of a run)"
+        raise FileNotFoundError(f"--old-run {source.root}: {what}; pass the --out of a finished run (or "
+                                f"--old-codes FILE)")
     if not source.finished_stages():
         raise FileNotFoundError(f"--old-run {source.root}: has no finished stage (no <stage>/result.json); finish "
                                 f"it first, or pass --old-codes FILE")
