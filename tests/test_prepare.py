@@ -467,3 +467,47 @@ def test_jpeg_images_are_resized_to_max_side_by_prepare(tmp_path):
     metadata = reader.metadata[f"f{reader.field_names.index('image')}"]
     assert np.maximum(metadata["height"], metadata["width"]).tolist() == [32] * 9
     assert load_prepared(out).image_size == 32
+
+
+def write_spaced_image_list(folder: Path, separator: str) -> list:
+    """6 database and 3 query PNGs (3 classes, --num-seen 2) in the folder "my images", whose name has a
+    space; each list line is `path SEPARATOR labels`."""
+    rng = np.random.default_rng(7)
+    (folder / "my images").mkdir(parents=True)
+    for name, classes in {"db": [0, 1, 0, 1, 2, 2], "q": [0, 1, 2]}.items():
+        lines = []
+        for i, label in enumerate(classes):
+            Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(folder / "my images" / f"{name}{i}.png")
+            lines.append(f"my images/{name}{i}.png{separator}" + " ".join("1" if c == label else "0" for c in range(3)))
+        (folder / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    return ["--dataset", "image-list", "--database-list", str(folder / "db.txt"), "--query-list",
+            str(folder / "q.txt"), "--num-seen", "2", "--num-workers", "1"]
+
+
+def test_image_list_path_with_a_space_is_named_and_a_tab_separates_it(tmp_path, capsys):
+    """A space in a path is said to be one (not a wrong label count), with the list, the line and the fix;
+    `path<TAB>labels` lines are the documented way to list such paths."""
+    options = write_spaced_image_list(tmp_path / "src", " ")
+    out = tmp_path / "out"
+    assert prepare_module.main([*options, "--out", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"error: {tmp_path / 'src' / 'db.txt'} line 1: 5 fields, more than a path and its "
+                             f"0/1 labels: the image path seems to contain a space ('my images/db0.png'); "
+                             f"separate the path from its labels with a tab")
+    assert_nothing_written(out)
+    # The same dataset with tab-separated lines prepares, and records the paths with their spaces.
+    options = write_spaced_image_list(tmp_path / "tabbed", "\t")
+    assert prepare_module.main([*options, "--out", str(out)]) == 0
+    paths = (out / "database_item_paths.txt").read_text().splitlines()
+    assert len(paths) == 6 and all("/my images/db" in path for path in paths)
+
+
+def test_image_list_more_fields_than_labels_names_the_line_and_the_fix(tmp_path):
+    """A path with a space whose second word looks like a label (`photo 1`): the count tells, and says so."""
+    from dihn_dist.data.sources import load_image_list
+    options = write_spaced_image_list(tmp_path, "\t")
+    (tmp_path / "q.txt").write_text("my images/q0.png\t1 0 0\nphoto 1 0 1 0\n")
+    with pytest.raises(ValueError, match=r"q.txt line 2: expected 3 labels \(0/1\) after the path, got 4: more "
+                                         r"fields than expected; if the path contains a space, separate the path"):
+        load_image_list(tmp_path / "db.txt", tmp_path / "q.txt")
