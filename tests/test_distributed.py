@@ -102,7 +102,7 @@ def test_killed_worker_is_restarted_and_resumes_to_the_same_codes(tiny_prepared,
     os.kill(workers[-1].pid, signal.SIGKILL)
     output = agent.communicate(timeout=300)[0]
     assert agent.returncode == 0, output[-3000:]
-    assert "resumed after iteration" in (out / "train.log").read_text()
+    assert "resumed after outer iteration" in (out / "train.log").read_text()
     for name in ("database_codes.npy", "query_codes.npy"):
         assert np.array_equal(np.load(reference / "original" / name), np.load(out / "original" / name))
 

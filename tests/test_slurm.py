@@ -261,9 +261,9 @@ def assert_resumed(job: Job) -> None:
         job.fail("--open-mode=append lost the first attempt's output")
     if re.search(rf"stage incremental iteration {MAX_ITER}/{MAX_ITER}", first):
         job.fail("the first attempt finished the last stage: the interruption came too late to test anything")
-    resumed = re.findall(r"stage (\w+): resumed after iteration (\d+)", second)
+    resumed = re.findall(r"stage (\w+): resumed after outer iteration (\d+) of \d+", second)
     if not resumed:
-        job.fail("the second attempt did not resume from a checkpoint (no 'resumed after iteration')")
+        job.fail("the second attempt did not resume from a checkpoint (no 'resumed after outer iteration')")
     stage, iteration = resumed[0]
     if stage == "original":  # it resumed mid-stage: it must not redo the iterations it had done
         if re.search(r"stage original iteration 1/", second):

@@ -329,7 +329,9 @@ class StageTraining:
             logger.warning(f"stage {self.stage.name}: the checkpoint comes from {len(checkpoint['rng'])} process(es), "
                            f"this run has {comm.context().world_size}: dropout masks will differ from an "
                            f"uninterrupted run's")
-        logger.info(f"stage {self.stage.name}: resumed after iteration {checkpoint['iteration']}")
+        # 1-based, as every message counts outer iterations (the checkpoint stores the 0-based index)
+        logger.info(f"stage {self.stage.name}: resumed after outer iteration {checkpoint['iteration'] + 1} "
+                    f"of {self.config.max_iter}")
 
 
 def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config, resolution: int,
