@@ -52,7 +52,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..common.atomic import atomic_path, atomic_write_json
-from ..common.codes import BIT_ORDER, unpack_codes
+from ..common.codes import BIT_ORDER, pack_codes, unpack_codes  # noqa: F401 - export and retrieve use faiss_index.pack_codes
 from ..common.errors import UsageError
 from ..common.formats import read_json_object
 
