@@ -157,7 +157,7 @@ class StageTraining:
         frozen_before = codes_checksum(self.codes[:stage.num_frozen])
         for iteration in range(self.next_iteration, config.max_iter):
             clock = IterationClock()
-            inject_failure(iteration, self.model)
+            inject_failure(iteration, self.model, stage.name)
             sample = sample_positions(config.seed, stage, iteration, config.num_samples)
             r = self.similarity_offset(sample) if config.soft_similarity else None
             outputs, positions, losses = self.train_on_sample(sample, r, iteration)
@@ -350,15 +350,22 @@ def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config
     return comm.gather_rows(local).to(ctx.device)
 
 
-def inject_failure(iteration: int, model: torch.nn.Module) -> None:
-    """Fault injection for the tests: DIHN_FAIL_AT="rank=R,iteration=I[,kind=nan]" raises on rank R at
-    iteration I, or with kind=nan poisons that rank's weights so that only its loss turns non-finite."""
+def inject_failure(iteration: int, model: torch.nn.Module, stage: str) -> None:
+    """Fault injection for the tests: DIHN_FAIL_AT="rank=R,iteration=I[,stage=S][,kind=nan|hang]" raises on
+    rank R at (1-based) outer iteration I (of stage S only, if given), or with kind=nan poisons that rank's
+    weights so that only its loss turns non-finite, or with kind=hang stops there for good: a test then
+    kills the process (kill -9) knowing exactly which checkpoint the run holds."""
     spec = os.environ.get("DIHN_FAIL_AT")
     if not spec:
         return
     target = dict(item.split("=") for item in spec.split(","))
     if int(target["rank"]) != comm.context().rank or int(target["iteration"]) != iteration + 1:
         return
+    if target.get("stage", stage) != stage:
+        return
+    if target.get("kind") == "hang":
+        while True:
+            time.sleep(3600)
     if target.get("kind") == "nan":
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
