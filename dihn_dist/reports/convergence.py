@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 
 from ..common import errors
 from ..common.formats import INCREMENTAL, ORIGINAL, RETRAIN, STAGES
-from ..training.run_reader import load_run, read_json, stage_rewrite_hint, unfinished_stage_error
+from ..training.run_reader import load_run, read_json, unfinished_stage_error
 from .figures import map_points
 
 DEFAULT_WINDOW = 10
@@ -67,10 +67,10 @@ def read_stage(run_dir: Path, stage: str, flag: str = "--stage") -> dict:
     `flag`, the finished stages to choose instead)."""
     if stage not in STAGES:
         raise ValueError(f"--stage: expected one of {', '.join(STAGES)}, got {stage!r}")
-    run = load_run(run_dir)
-    if stage not in run.finished_stages():
-        raise unfinished_stage_error(run, stage, flag)
-    return read_json(run.root / stage / "result.json", run.root, stage_rewrite_hint(run, stage))
+    path = Path(run_dir) / stage / "result.json"
+    if not path.is_file():
+        raise unfinished_stage_error(load_run(run_dir), stage, flag)  # (or why run_dir is not a run folder)
+    return read_json(path, Path(run_dir))
 
 
 def curve_table(points: Sequence[Tuple[int, float]], iterations: Sequence[dict], total_s: float) -> str:
