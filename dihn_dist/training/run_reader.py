@@ -130,16 +130,16 @@ class ExportedRun:
 
 
 def read_json(path: Path, root: Path, damaged_hint: Optional[str] = None) -> dict:
-    """A JSON object of the run folder `root`; `damaged_hint` says how to get `path` back if it is not JSON
-    (default: the run's files that --resume rewrites from --data, manifest.json; config.json is the one
-    thing no command can rebuild)."""
+    """A JSON object of the run folder `root`. `damaged_hint`: how to get `path` back when it is not JSON;
+    by default delete it and resume, which writes it again (but config.json, the run's settings, which that
+    very command reads, can only be restored from a copy)."""
     if not path.is_file():
         raise IncompleteRunError(f"{path} is missing; `{train_command(root)}` writes it")
     try:
         value = json.loads(path.read_text())
     except ValueError as error:
         if damaged_hint is None:
-            damaged_hint = (f"restore it from a copy of the run (no command can rebuild a run's settings)"
+            damaged_hint = ("restore it from a copy of the run (no command can rebuild a run's settings)"
                             if path.name == "config.json" else
                             f"delete {path} and run `{train_command(root)}`, which writes it again")
         raise RunFormatError(f"{path}: not valid JSON ({error}); it is damaged: {damaged_hint}") from error
