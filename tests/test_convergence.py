@@ -61,5 +61,7 @@ def test_command_prints_the_curve_and_the_comparison(tmp_path, capsys):
 
 
 def test_missing_stage_is_a_one_line_usage_error(tmp_path, capsys):
+    # an empty folder: no stage, and not a run either, which is what the line says (with the command)
     assert convergence.main([str(tmp_path)]) == 2
-    assert "result.json" in capsys.readouterr().err
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and f"so {tmp_path} is not a run folder" in stderr

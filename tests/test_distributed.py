@@ -102,20 +102,19 @@ def test_killed_worker_is_restarted_and_resumes_to_the_same_codes(tiny_prepared,
     os.kill(workers[-1].pid, signal.SIGKILL)
     output = agent.communicate(timeout=300)[0]
     assert agent.returncode == 0, output[-3000:]
-    assert "resumed after iteration" in (out / "train.log").read_text()
+    assert "resumed after outer iteration" in (out / "train.log").read_text()
     for name in ("database_codes.npy", "query_codes.npy"):
         assert np.array_equal(np.load(reference / "original" / name), np.load(out / "original" / name))
 
 
 def test_a_failing_rank_stops_every_rank(tiny_prepared, tmp_path):
     out = tmp_path / "failing"
-    started = time.time()
     env = {**os.environ, "DIHN_FAIL_AT": "rank=1,iteration=2"}
     command = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
                *train_args(tiny_prepared, out, "--batch-size", "32", "--max-iter", "4", "--stage", "original")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-    elapsed = time.time() - started
+    # Rank 0 must not wait in a collective for the failed rank: the job ends by itself, failed. The
+    # subprocess timeout is only a watchdog for that hang (a quarter of the 1800 s collective timeout).
+    result = subprocess.run(command, capture_output=True, text=True, timeout=450, env=env)
     assert result.returncode != 0
     assert "injected failure" in result.stdout + result.stderr
-    assert elapsed < 120
     assert not (out / "original" / "result.json").exists()

@@ -10,7 +10,8 @@
    with the same codes.
 
 The Slurm tests skip only when Slurm cannot run here (not root, or slurm-wlm cannot be installed), and
-say why; anything else that goes wrong is a failure.
+say why; anything else that goes wrong is a failure. Under CI=true a Slurm that cannot start is a failure
+too.
 """
 from __future__ import annotations
 
@@ -155,14 +156,22 @@ def test_the_torchrun_step_always_resumes_and_rendezvouses_on_the_head_node():
 # ----------------------------------------------------------------------------------------------------
 # 2-4. A real Slurm
 
+def slurm_missing(reason: str) -> None:
+    """Skip on a developer's machine; under CI (CI=true, as GitHub Actions sets it) fail, so that the requeue
+    promise cannot silently leave the checks."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: the Slurm tests must run in CI, but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     if os.geteuid() != 0:
-        pytest.skip("the Slurm tests start munged/slurmctld/slurmd and may install slurm-wlm: they need root")
+        slurm_missing("the Slurm tests start munged/slurmctld/slurmd and may install slurm-wlm: they need root")
     try:
         instance = SlurmCluster(cpus=max(2, os.cpu_count() or 2)).start()
     except SlurmUnavailable as error:
-        pytest.skip(f"Slurm is not available: {error}")
+        slurm_missing(f"Slurm is not available: {error}")
     yield instance
     instance.stop()
 
@@ -261,9 +270,9 @@ def assert_resumed(job: Job) -> None:
         job.fail("--open-mode=append lost the first attempt's output")
     if re.search(rf"stage incremental iteration {MAX_ITER}/{MAX_ITER}", first):
         job.fail("the first attempt finished the last stage: the interruption came too late to test anything")
-    resumed = re.findall(r"stage (\w+): resumed after iteration (\d+)", second)
+    resumed = re.findall(r"stage (\w+): resumed after outer iteration (\d+) of \d+", second)
     if not resumed:
-        job.fail("the second attempt did not resume from a checkpoint (no 'resumed after iteration')")
+        job.fail("the second attempt did not resume from a checkpoint (no 'resumed after outer iteration')")
     stage, iteration = resumed[0]
     if stage == "original":  # it resumed mid-stage: it must not redo the iterations it had done
         if re.search(r"stage original iteration 1/", second):
@@ -348,3 +357,12 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_completes(cluster, uni
         job.fail("torchrun's agent did not receive SIGTERM")
     assert checkpoint.exists(), "the checkpoint vanished"
     assert_second_attempt_resumes_to_the_same_codes(job, uninterrupted)
+
+
+def test_a_slurm_that_cannot_start_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: the Slurm tests must run in CI"):
+        slurm_missing("slurm-wlm cannot be installed")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        slurm_missing("slurm-wlm cannot be installed")

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from conftest import copy_run
 from dihn_dist import train
 from dihn_dist.method import metrics
 from dihn_dist.training import loop
+from dihn_dist.training.stages import Stage, initial_codes
 
 
 def run_train(data, out, *extra):
@@ -42,8 +44,15 @@ def test_original_codes_are_bit_identical_after_stage_two(finished_run):
     assert np.array_equal(incremental[:original.shape[0]], original)
     result = json.loads((finished_run / "incremental" / "result.json").read_text())
     assert result["frozen_checksum_before"] == result["frozen_checksum_after"]
-    # and the learned part did move away from its random start in at least one bit
+    # and the learned part did move away from its seeded random start (training/stages.py initial_codes)
     assert set(np.unique(incremental)) == {-1, 1}
+    config = json.loads((finished_run / "config.json").read_text())
+    stage = Stage("incremental", incremental.shape[0], original.shape[0], mu=0.0, lr_decay=1.0)
+    start = initial_codes(stage, SimpleNamespace(seed=config["seed"], code_length=config["code_length"]),
+                          torch.from_numpy(original)).numpy()
+    assert np.array_equal(start[:original.shape[0]], original)  # the start the stage really had
+    moved = (incremental[original.shape[0]:] != start[original.shape[0]:]).mean()
+    assert moved > 0.05, f"only {moved:.1%} of the learned bits differ from their random start"
 
 
 def test_packed_codes_match_int8_codes(finished_run):
@@ -68,15 +77,28 @@ def test_metrics_equal_map_recomputed_from_exported_codes(finished_run):
     assert original_row["map_incremental_queries"] == 0.0  # no relevant item in the original database
 
 
-def test_rerun_without_resume_is_refused(finished_run, tiny_prepared):
+def checksums(folder):
+    """sha256 of every file under `folder`, by relative path: equal before and after = nothing changed."""
+    import hashlib
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_rerun_without_resume_is_refused(finished_run, tiny_prepared, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")  # a refusal test never points --out at the shared run
+    before = checksums(run)
     with pytest.raises(ValueError, match="--resume"):
-        run_train_raising(tiny_prepared, finished_run, "--max-iter", "2")
+        run_train_raising(tiny_prepared, run, "--max-iter", "2")
+    assert checksums(run) == before
 
 
-def test_resume_with_other_settings_is_refused(finished_run, tiny_prepared):
+def test_resume_with_other_settings_is_refused(finished_run, tiny_prepared, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    before = checksums(run)
     with pytest.raises(ValueError, match="--code-length"):
-        train.run_command_line(["--data", str(tiny_prepared), "--out", str(finished_run), *TINY, "--max-iter", "2",
+        train.run_command_line(["--data", str(tiny_prepared), "--out", str(run), *TINY, "--max-iter", "2",
                     "--code-length", "16", "--resume"])
+    assert checksums(run) == before
 
 
 def _train_command(data, out, *extra):
@@ -130,11 +152,20 @@ def test_incremental_without_stage_one_is_refused(tiny_prepared, tmp_path):
 
 
 def test_old_codes_that_are_not_plus_minus_one_are_refused(finished_run, tiny_prepared, tmp_path):
-    broken = copy_run(finished_run, tmp_path / "broken")
-    codes = np.load(broken / "original" / "database_codes.npy")
+    codes = np.load(finished_run / "original" / "database_codes.npy")
     codes[0, 0] = 0
-    np.save(broken / "original" / "database_codes.npy", codes)
+    np.save(tmp_path / "codes.npy", codes)
     with pytest.raises(ValueError, match="must be \\+-1"):
+        run_train_raising(tiny_prepared, tmp_path / "x", "--max-iter", "1", "--stage", "incremental", "--old-codes",
+                          str(tmp_path / "codes.npy"))
+
+
+def test_old_run_codes_of_the_wrong_shape_are_refused_naming_the_file(finished_run, tiny_prepared, tmp_path):
+    """B_old from --old-run is read from the packed codes, checked against the run's manifest."""
+    broken = copy_run(finished_run, tmp_path / "broken")
+    packed = broken / "original" / "database_codes.packed.npy"
+    np.save(packed, np.load(packed)[:-1])
+    with pytest.raises(ValueError, match="database_codes.packed.npy"):
         run_train_raising(tiny_prepared, tmp_path / "x", "--max-iter", "1", "--stage", "incremental", "--old-run", str(broken))
 
 
@@ -257,3 +288,37 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_prepar
     checkpoints = list((out / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == ["original.pt"], "a temp file was left behind"
     assert torch.load(checkpoints[0], weights_only=False)["iteration"] == 0
+
+
+@pytest.mark.timeout(1200)  # a watchdog for hangs only
+@pytest.mark.parametrize("stage", ["incremental", "retrain"])
+def test_kill_9_in_a_later_stage_resumes_to_the_uninterrupted_codes(finished_run, tiny_prepared, tmp_path, stage):
+    """kill -9 after the stage's first checkpoint (stage 2, or the retrain after it), then --resume: every
+    stage's codes equal those of finished_run, the same settings run without interruption."""
+    args = ["--max-iter", "2", "--stage", "all,retrain", "--eval-every", "1"]  # finished_run's settings
+    out = tmp_path / "killed"
+    # The hook holds the run at the start of the stage's 2nd outer iteration: the kill comes after exactly
+    # one checkpoint of the stage, whatever the machine's speed.
+    env = {**os.environ, "DIHN_FAIL_AT": f"rank=0,iteration=2,stage={stage},kind=hang"}
+    stderr = tmp_path / "stderr.txt"  # a file, not a pipe: a full pipe would stall the run
+    with open(stderr, "w") as sink:
+        process = subprocess.Popen(_train_command(tiny_prepared, out, *args), env=env, stdout=subprocess.DEVNULL,
+                                   stderr=sink)
+    checkpoint = out / "checkpoints" / f"{stage}.pt"
+    try:
+        while not checkpoint.exists() and process.poll() is None:
+            time.sleep(0.05)
+        assert process.poll() is None, f"the run ended before its {stage} checkpoint: {stderr.read_text()[-2000:]}"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert torch.load(checkpoint, weights_only=False)["iteration"] == 0
+    assert not (out / stage / "result.json").exists()
+
+    resumed = subprocess.run(_train_command(tiny_prepared, out, *args, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"stage {stage}: resumed after outer iteration 1 of 2" in (out / "train.log").read_text()
+    for name in ("original", "incremental", "retrain"):
+        for part in ("database_codes.npy", "query_codes.npy"):
+            assert np.array_equal(np.load(finished_run / name / part), np.load(out / name / part)), (name, part)

@@ -198,4 +198,5 @@ def train_command(run_dir, stage=None) -> str:
     """The command that continues the run in `run_dir`, in that very folder (also a copied or moved one),
     with exactly its saved settings; with `stage`, the command that adds or finishes that stage."""
     stage_flag = f" --stage {stage}" if stage else ""
-    return f"python -m dihn_dist.train --config {run_dir}/config.json --out {run_dir}{stage_flag} --resume"
+    config, out = shlex.quote(f"{run_dir}/config.json"), shlex.quote(str(run_dir))
+    return f"python -m dihn_dist.train --config {config} --out {out}{stage_flag} --resume"

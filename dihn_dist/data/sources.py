@@ -407,7 +407,9 @@ def read_path_file(path: Path, what: str) -> List[str]:
     for number, line in enumerate(read_lines(path, what), start=1):
         tokens = line.split()
         if len(tokens) != 1:
-            raise ValueError(f"{path} line {number}: expected one image path, got {len(tokens)} fields")
+            raise ValueError(f"{path} line {number}: expected one image path, got {len(tokens)} fields "
+                             f"({line.strip()!r}): paths in this list cannot contain spaces; rename the file "
+                             f"(or link it under a name without spaces) and list that name")
         paths.append(tokens[0])
     return paths
 
@@ -442,18 +444,49 @@ def load_nus_wide_tc21(root: Path, max_side: Optional[int] = None) -> SourceData
     )
 
 
+SPACE_IN_PATH_FIX = ("separate the path from its labels with a tab ('path<TAB>0 1 0 ...'; the path is then "
+                     "everything before the first tab and may contain spaces), or rename the file without spaces")
+
+
+def split_list_line(line: str, path: Path, number: int) -> Tuple[str, List[str]]:
+    """An image-list line as (image path, label tokens).
+
+    Fields are separated by whitespace, so a space inside a path cannot be told from a separator; a line
+    with a tab is read as `path<TAB>labels` instead, which can. Without a tab, a second field that is not a
+    0/1 label can only be the rest of a path with a space in it: said so here rather than later as a wrong
+    label count."""
+    if "\t" in line:
+        image_path, labels = line.split("\t", 1)
+        if not image_path.strip():
+            raise ValueError(f"{path} line {number}: no image path before the tab")
+        return image_path.strip(), labels.split()
+    tokens = line.split()
+    words = 1
+    while words < len(tokens) and tokens[words] not in BITS:
+        words += 1
+    if words > 1:
+        raise ValueError(f"{path} line {number}: {len(tokens)} fields, more than a path and its 0/1 labels: the "
+                         f"image path seems to contain a space ({' '.join(tokens[:words])!r}); {SPACE_IN_PATH_FIX}")
+    return tokens[0], tokens[1:]
+
+
 def read_image_list(list_file: Path, root: Path, max_side: Optional[int],
                     width: Optional[int]) -> Tuple[FileImages, np.ndarray]:
-    """`relative/path.jpg 0 1 0 ...` per line (paths without spaces, relative to `root`)."""
+    """`relative/path.jpg 0 1 0 ...` per line (relative to `root`); `relative/my photo.jpg<TAB>0 1 0 ...`
+    for a path with spaces (see split_list_line). `width`: the number of labels (None: line 1's)."""
     lines = read_lines(list_file, "image-list")
-    width = width if width is not None else len(lines[0].split()) - 1
+    split = [split_list_line(line, list_file, number) for number, line in enumerate(lines, start=1)]
+    width = width if width is not None else len(split[0][1])
     if width < 1:
         raise ValueError(f"{list_file} line 1: expected 'path label label ...', got no labels")
     paths, rows = [], []
-    for number, line in enumerate(lines, start=1):
-        tokens = line.split()
-        paths.append(tokens[0])
-        rows.append(parse_label_tokens(tokens[1:], width, list_file, number))
+    for number, (image_path, tokens) in enumerate(split, start=1):
+        if len(tokens) > width:
+            raise ValueError(f"{list_file} line {number}: expected {width} labels (0/1) after the path, got "
+                             f"{len(tokens)}: more fields than expected; if the path contains a space, "
+                             f"{SPACE_IN_PATH_FIX}")
+        paths.append(image_path)
+        rows.append(parse_label_tokens(tokens, width, list_file, number))
     images = FileImages(root, paths, list_file, max_side)
     check_listed_files_exist(images)
     return images, np.asarray(rows, dtype=np.uint8)

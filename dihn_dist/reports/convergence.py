@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 
 from ..common import errors
 from ..common.formats import INCREMENTAL, ORIGINAL, RETRAIN, STAGES
-from ..training.run_reader import read_json
+from ..training.run_reader import load_run, read_json, unfinished_stage_error
 from .figures import map_points
 
 DEFAULT_WINDOW = 10
@@ -62,10 +62,15 @@ def training_seconds(iterations: Sequence[dict], total_s: float, upto: Optional[
     return without_eval * sum(measured[:upto]) / sum(measured)
 
 
-def read_stage(run_dir: Path, stage: str) -> dict:
+def read_stage(run_dir: Path, stage: str, flag: str = "--stage") -> dict:
+    """A finished stage's result.json; unfinished, the error names the command that trains it (and, with
+    `flag`, the finished stages to choose instead)."""
     if stage not in STAGES:
         raise ValueError(f"--stage: expected one of {', '.join(STAGES)}, got {stage!r}")
-    return read_json(Path(run_dir) / stage / "result.json", Path(run_dir))
+    path = Path(run_dir) / stage / "result.json"
+    if not path.is_file():
+        raise unfinished_stage_error(load_run(run_dir), stage, flag)  # (or why run_dir is not a run folder)
+    return read_json(path, Path(run_dir))
 
 
 def curve_table(points: Sequence[Tuple[int, float]], iterations: Sequence[dict], total_s: float) -> str:
@@ -104,8 +109,8 @@ def describe(found: dict, window: int, min_gain: float) -> str:
 
 def dihn_comparison(run_dir: Path) -> str:
     """DIHN's row from a run with stages original and incremental: its mAP and training times."""
-    stage2 = read_stage(run_dir, INCREMENTAL)
-    stage1 = read_stage(run_dir, ORIGINAL)
+    stage2 = read_stage(run_dir, INCREMENTAL, flag="")
+    stage1 = read_stage(run_dir, ORIGINAL, flag="")
     time2 = training_seconds(stage2["iterations"], float(stage2["train_time_s"]))
     time1 = training_seconds(stage1["iterations"], float(stage1["train_time_s"]))
     return (f"DIHN ({run_dir}): mAP@ALL {stage2['row']['map_all']:.4f} after {len(stage2['iterations'])} outer "

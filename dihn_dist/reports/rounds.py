@@ -108,7 +108,9 @@ def series_stages(run: ExportedRun) -> Dict[str, Optional[str]]:
     finished = run.finished_stages()
     dihn = INCREMENTAL if INCREMENTAL in finished else ORIGINAL if ORIGINAL in finished else None
     if dihn is None:
-        run.stage(INCREMENTAL)  # raises the one-line error that names the command which trains it
+        # raises the one-line error that names the command which trains the stage this round publishes
+        # (a first round killed in stage 1 resumes stage 1, it is not given a stage 2)
+        run.stage(run.published_stage())
     retrain = RETRAIN if RETRAIN in finished else None
     if retrain is None and dihn == ORIGINAL and run.stage_rows(ORIGINAL) == len(run.database_labels):
         retrain = ORIGINAL

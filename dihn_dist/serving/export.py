@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 
 from ..common import errors
-from ..common.formats import PUBLISHED_STAGES, STAGES, train_command
-from ..training.run_reader import ExportedRun, IncompleteRunError, load_run, load_stage
+from ..common.formats import STAGES
+from ..training.run_reader import ExportedRun, load_run, load_stage, unfinished_stage_error
 from . import faiss_index
 
 # The stage exported when --stage is not given: DIHN's, else stage 1's (retrain is a baseline, not served).
@@ -36,18 +36,15 @@ class Export:
 
 
 def default_stage(run: ExportedRun) -> str:
-    finished = run.finished_stages()
-    for stage in PUBLISHED_STAGES:
-        if stage in finished:
-            return stage
-    raise IncompleteRunError(f"{run.root} has no finished incremental or original stage to export (finished: "
-                             f"{', '.join(finished) or 'none'}); `{train_command(run.root)}` trains them, or pass "
-                             f"--stage")
+    stage = run.published_stage()
+    if stage not in run.finished_stages():
+        raise unfinished_stage_error(run, stage, "--stage")
+    return stage
 
 
 def stage_packed_codes(run: ExportedRun, stage: str) -> np.ndarray:
     """The stage's database codes as the index holds them (the exported packed rows, checked by load_stage)."""
-    return faiss_index.pack_codes(load_stage(run, stage).database_codes)
+    return faiss_index.pack_codes(load_stage(run, stage, "--stage").database_codes)
 
 
 def export_index(run_dir, out, stage: Optional[str] = None, kind: Optional[str] = None,

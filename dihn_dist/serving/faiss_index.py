@@ -57,7 +57,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..common.atomic import fsync_file, temp_beside
-from ..common.codes import BIT_ORDER, pack_codes, unpack_codes  # noqa: F401 - pack_codes: the callers' name for it
+from ..common.codes import BIT_ORDER, pack_codes, unpack_codes  # noqa: F401 - export and retrieve use faiss_index.pack_codes
 from ..common.errors import UsageError
 from ..common.formats import read_json_object
 

@@ -309,8 +309,9 @@ def retrieve(run_dir, query: Union[int, str, Path], stage: Optional[str] = None,
         faiss_index.require_faiss()  # first: without it nothing else is worth loading
     run = load_run(run_dir)
     if stage is None:
-        stage = faiss_index.read_sidecar(Path(faiss_path)).get("stage", INCREMENTAL) if faiss_path else INCREMENTAL
-    exported = load_stage(run, stage)
+        stage = faiss_index.read_sidecar(Path(faiss_path)).get("stage", INCREMENTAL) if faiss_path \
+            else run.published_stage()
+    exported = load_stage(run, stage, "--stage")
     served = open_faiss_index(faiss_path, run, stage, exported) if faiss_path else None
     data = open_data(run, data_dir)
     resolution = model_resolution(run, data)
@@ -375,7 +376,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--query", required=True, help="row of the prepared query set, or an image file")
     parser.add_argument("--stage", choices=STAGES,
                         help="whose model and database codes to use (default: the --faiss index's stage, else "
-                             "incremental)")
+                             "the run's published one: incremental, or original when only stage 1 finished)")
     parser.add_argument("--topk", type=int, default=10, help="number of results")
     parser.add_argument("--data", help="prepared data folder (default: the run's, from config.json)")
     parser.add_argument("--out", type=Path, help="contact sheet PNG (default: RUN_DIR/retrieval/STAGE_QUERY.png)")

@@ -181,7 +181,7 @@ class StageTraining:
         frozen_before = codes_checksum(self.codes[:stage.num_frozen])
         for iteration in range(self.next_iteration, config.max_iter):
             clock = IterationClock()
-            inject_failure(iteration, self.model)
+            inject_failure(iteration, self.model, stage.name)
             sample = sample_positions(config.seed, stage, iteration, config.num_samples)
             r = self.similarity_offset(sample) if config.soft_similarity else None
             outputs, positions, losses = self.train_on_sample(sample, r, iteration)
@@ -353,7 +353,9 @@ class StageTraining:
             logger.warning(f"stage {self.stage.name}: the checkpoint comes from {len(checkpoint['rng'])} process(es), "
                            f"this run has {comm.context().world_size}: dropout masks will differ from an "
                            f"uninterrupted run's")
-        logger.info(f"stage {self.stage.name}: resumed after iteration {checkpoint['iteration']}")
+        # 1-based, as every message counts outer iterations (the checkpoint stores the 0-based index)
+        logger.info(f"stage {self.stage.name}: resumed after outer iteration {checkpoint['iteration'] + 1} "
+                    f"of {self.config.max_iter}")
 
 
 def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config, resolution: int,
@@ -383,15 +385,22 @@ def delay_for_tests() -> None:
         time.sleep(float(target["seconds"]))
 
 
-def inject_failure(iteration: int, model: torch.nn.Module) -> None:
-    """Fault injection for the tests: DIHN_FAIL_AT="rank=R,iteration=I[,kind=nan]" raises on rank R at
-    iteration I, or with kind=nan poisons that rank's weights so that only its loss turns non-finite."""
+def inject_failure(iteration: int, model: torch.nn.Module, stage: str) -> None:
+    """Fault injection for the tests: DIHN_FAIL_AT="rank=R,iteration=I[,stage=S][,kind=nan|hang]" raises on
+    rank R at (1-based) outer iteration I (of stage S only, if given), or with kind=nan poisons that rank's
+    weights so that only its loss turns non-finite, or with kind=hang stops there for good: a test then
+    kills the process (kill -9) knowing exactly which checkpoint the run holds."""
     spec = os.environ.get("DIHN_FAIL_AT")
     if not spec:
         return
     target = dict(item.split("=") for item in spec.split(","))
     if int(target["rank"]) != comm.context().rank or int(target["iteration"]) != iteration + 1:
         return
+    if target.get("stage", stage) != stage:
+        return
+    if target.get("kind") == "hang":
+        while True:
+            time.sleep(3600)
     if target.get("kind") == "nan":
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))

@@ -39,7 +39,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..common.codes import unpack_codes
-from ..common.formats import ORIGINAL, PREPARED_FORMAT, RUN_FORMAT, STAGES, train_command
+from ..common.formats import (INCREMENTAL, ORIGINAL, PREPARED_FORMAT, PUBLISHED_STAGES, RUN_FORMAT, STAGES,
+                               folder_kind, train_command)
 
 # The prepared-data format versions this reader understands.
 PREPARED_FORMAT_VERSIONS = (1, 2)
@@ -103,6 +104,18 @@ class ExportedRun:
     def finished_stages(self) -> List[str]:
         return [name for name in STAGES if (self.root / name / "result.json").is_file()]
 
+    def published_stage(self) -> str:
+        """The stage whose codes this run serves: its finished DIHN stage (incremental), else its finished
+        stage 1; unfinished, the one it will publish: incremental if it was asked for or the run has a
+        B_old source (--old-run/--old-codes), else original."""
+        finished = self.finished_stages()
+        for name in PUBLISHED_STAGES:
+            if name in finished:
+                return name
+        wants_incremental = INCREMENTAL in (self.config.get("stage") or []) or self.config.get("old_run") \
+            or self.config.get("old_codes")
+        return INCREMENTAL if wants_incremental else ORIGINAL
+
     def stage_rows(self, stage: str) -> int:
         """Database rows a stage's codes cover."""
         return self.num_original if stage == ORIGINAL else int(self.database_labels.shape[0])
@@ -116,14 +129,20 @@ class ExportedRun:
         return read_json(path, self.root) if path.is_file() else None
 
 
-def read_json(path: Path, root: Path) -> dict:
+def read_json(path: Path, root: Path, damaged_hint: Optional[str] = None) -> dict:
+    """A JSON object of the run folder `root`. `damaged_hint`: how to get `path` back when it is not JSON;
+    by default delete it and resume, which writes it again (but config.json, the run's settings, which that
+    very command reads, can only be restored from a copy)."""
     if not path.is_file():
         raise IncompleteRunError(f"{path} is missing; `{train_command(root)}` writes it")
     try:
         value = json.loads(path.read_text())
     except ValueError as error:
-        raise RunFormatError(f"{path}: not valid JSON ({error}); it is damaged, `{train_command(root)}` "
-                             f"rewrites it") from error
+        if damaged_hint is None:
+            damaged_hint = ("restore it from a copy of the run (no command can rebuild a run's settings)"
+                            if path.name == "config.json" else
+                            f"delete {path} and run `{train_command(root)}`, which writes it again")
+        raise RunFormatError(f"{path}: not valid JSON ({error}); it is damaged: {damaged_hint}") from error
     if not isinstance(value, dict):
         raise RunFormatError(f"{path}: expected a JSON object")
     return value
@@ -166,10 +185,21 @@ def load_run(run_dir) -> ExportedRun:
     root = Path(run_dir)
     if not root.is_dir():
         raise IncompleteRunError(f"run folder {root} does not exist; `python -m dihn_dist.train --data DATA "
-                                 f"--out {root}` writes one")
+                                 f"--out {root}` writes one (DATA: a prepared data folder)")
+    kind = folder_kind(root)
+    if kind == "prepared":
+        # The trainer never writes into data, so the run it would make goes next to it, not into it.
+        raise IncompleteRunError(f"{root} is a prepared data folder, not a run folder; `python -m dihn_dist.train "
+                                 f"--data {root} --out {root.with_name(root.name + '-run')}` trains a run on it: "
+                                 f"pass that run folder instead")
     if not (root / "config.json").is_file():
-        raise IncompleteRunError(f"{root / 'config.json'} is missing, so {root} is not a run folder; "
-                                 f"`python -m dihn_dist.train --data DATA --out {root}` writes one")
+        if kind == "run":  # started, stopped before its settings were written: a fresh start writes them
+            hint = f"`python -m dihn_dist.train --data DATA --out {root}` writes one (DATA: its prepared data)"
+        elif kind == "empty":
+            hint = f"`python -m dihn_dist.train --data DATA --out {root}` writes one (DATA: a prepared data folder)"
+        else:
+            hint = "pass the folder that the trainer's --out named"
+        raise IncompleteRunError(f"{root / 'config.json'} is missing, so {root} is not a run folder; {hint}")
     marker = root / "format.json"
     if not marker.is_file() or read_json(marker, root) != RUN_FORMAT:
         raise RunFormatError(f"{marker}: missing or not {RUN_FORMAT} (a run of another dihn_dist version: "
@@ -199,18 +229,36 @@ def stage_rewrite_hint(run: ExportedRun, stage: str) -> str:
     return f"delete {result} and run `{train_command(run.root, stage)}` (this trains the stage again)"
 
 
-def load_stage(run: ExportedRun, name: str) -> StageExport:
-    """A finished stage's codes, checked: shapes from the manifest and config, values +-1."""
+def stage_train_command(run: ExportedRun, name: str) -> str:
+    """The command that trains and exports stage `name` of the run in its folder (resuming it, or adding it
+    to the run), with stage 1 first when stage 2 has no B_old source without it (neither a finished stage 1
+    nor --old-run/--old-codes)."""
+    if name == INCREMENTAL and ORIGINAL not in run.finished_stages() and not (
+            run.config.get("old_run") or run.config.get("old_codes")):
+        return train_command(run.root, f"{ORIGINAL},{INCREMENTAL}")
+    return train_command(run.root, name)
+
+
+def unfinished_stage_error(run: ExportedRun, name: str, flag: str = "") -> IncompleteRunError:
+    """Stage `name` has not finished: which stages have, the command that trains it, and (with `flag`, the
+    option that chose the stage) the finished stages to choose instead."""
+    finished = run.finished_stages()
+    others = f", or pass {flag} {' or '.join(finished)}" if flag and finished else ""
+    return IncompleteRunError(f"{run.root / name / 'result.json'} is missing: stage {name!r} has not finished in "
+                              f"{run.root} (finished: {', '.join(finished) or 'none'}); "
+                              f"`{stage_train_command(run, name)}` trains and exports it{others}")
+
+
+def load_stage(run: ExportedRun, name: str, flag: str = "") -> StageExport:
+    """A finished stage's codes, checked: shapes from the manifest and config, values +-1. `flag`: the option
+    that chose the stage, for the message when it has not finished."""
     if name not in STAGES:
         raise ValueError(f"stage: expected one of {', '.join(STAGES)}, got {name!r}")
     folder = run.root / name
     if not (folder / "result.json").is_file():
-        finished = ", ".join(run.finished_stages()) or "none"
-        raise IncompleteRunError(f"{folder / 'result.json'} is missing: stage {name!r} has not finished in "
-                                 f"{run.root} (finished: {finished}); `{train_command(run.root, name)}` "
-                                 f"trains and exports it")
-    result = read_json(folder / "result.json", run.root)
+        raise unfinished_stage_error(run, name, flag)
     hint = stage_rewrite_hint(run, name)
+    result = read_json(folder / "result.json", run.root, hint)
     c = run.code_length
     rows = run.stage_rows(name)
     packed = read_array(folder / "database_codes.packed.npy", hint, np.uint8, (rows, (c + 7) // 8))
@@ -226,7 +274,7 @@ def load_stages(run: ExportedRun, names: Optional[List[str]] = None) -> Dict[str
     names = run.finished_stages() if names is None else names
     if not names:
         raise IncompleteRunError(f"{run.root} has no finished stage (no <stage>/result.json); "
-                                 f"`{train_command(run.root)}` trains and exports them")
+                                 f"`{stage_train_command(run, run.published_stage())}` trains and exports them")
     return {name: load_stage(run, name) for name in names}
 
 

@@ -53,7 +53,7 @@ from ..common.formats import (
 )
 from ..distributed import comm
 from ..method.hashing import check_codes
-from .run_reader import load_codes_file, load_run
+from .run_reader import load_codes_file, load_run, stage_train_command
 
 
 def atomic_save_numpy(path: Path, array: np.ndarray) -> None:
@@ -379,8 +379,10 @@ def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
         stage = (config.old_stage or source.stage_covering(data.num_original)) if config.old_run else ORIGINAL
         if not source.stage_complete(stage):
             raise FileNotFoundError(
-                f"{source.root}: has no finished {stage} stage, which stage 2 starts from; run --stage {stage} "
-                f"first, or pass --old-run RUN_DIR of a run that has one (or --old-codes FILE)")
+                f"{source.root}: has no finished {stage} stage, which stage 2 starts from; "
+                + (f"pass --stage {ORIGINAL},{INCREMENTAL} to train it first" if not config.old_run else
+                   f"train it with `{stage_train_command(load_run(source.root), stage)}`")
+                + ", or pass --old-run RUN_DIR of a run that has one (or --old-codes FILE)")
         name = f"{source.root}/{stage}/database_codes.packed.npy"
         codes = torch.from_numpy(load_run(source.root).stage(stage).database_codes)
     if tuple(codes.shape) != (data.num_original, config.code_length):
