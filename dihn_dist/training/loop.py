@@ -50,13 +50,17 @@ from .reporting import (
     print_table,
     progress,
 )
-from .runfolder import RunFolder, codes_checksum, load_old_codes
+from .runfolder import RunFolder, codes_checksum, load_old_codes, read_on_rank0
 from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_generator, stage_spec
 
 
 def train(config: Config) -> int:
     """Check every input, then run the configured stages in order and report every finished one."""
     data, run = check_inputs(config)  # nothing is written before this returns
+    if config.check_only:
+        if comm.context().is_main:
+            print("\n".join(describe_plan(config, data, run)), flush=True)
+        return 0
     run.create(config, data)
     torch.autograd.set_detect_anomaly(config.debug)
     with logging_to(run, config.debug), Reporter(run) as reporter:
@@ -90,7 +94,44 @@ def check_inputs(config: Config):
     if INCREMENTAL in config.stage and ORIGINAL not in config.stage and not run.stage_complete(INCREMENTAL):
         load_old_codes(config, data, run)
     build_model(config.arch, config.code_length, config.pretrained)  # a bad --pretrained file fails here
+    MixedPrecision(config.precision, ctx.device)  # bf16 on a GPU without it fails here
     return data, run
+
+
+def describe_plan(config: Config, data: PreparedData, run: RunFolder) -> list:
+    """What `train` would do with these checked inputs (--check-only prints it)."""
+    ctx = comm.context()
+    resolution = input_resolution(config.arch, config.resolution, data.image_size)
+    precision = MixedPrecision(config.precision, ctx.device)
+    per_rank = -(-config.batch_size // ctx.world_size)
+    lines = [f"check-only: every input checked, nothing written; {ctx.world_size} process(es) on "
+             f"{ctx.device if ctx.world_size == 1 else ctx.device.type}"]
+    for name in config.stage:
+        stage = stage_spec(name, config, data)
+        if run.stage_complete(name):
+            state = "already complete, skipped"
+        elif config.resume and run.checkpoint_path(name).is_file():
+            state = f"resumes from {run.checkpoint_path(name)}"
+        else:
+            state = "from the start"
+        frozen = ""
+        if stage.num_frozen:
+            source = (f"--old-codes {config.old_codes}" if config.old_codes else
+                      f"--old-run {config.old_run}" if config.old_run else "this run's stage original")
+            frozen = f", B_old from {source}"
+        lines.append(f"  stage {name}: {stage.num_database} database rows ({stage.num_frozen} frozen{frozen}), "
+                     f"{state}")
+    weights = (f"--pretrained {config.pretrained}" if config.pretrained not in (None, "", "none") else
+               "from scratch" if config.arch == "small-cnn" else "none: the backbone starts UNTRAINED")
+    lines += [f"  outer iterations: {config.max_iter} x {config.max_epoch} epoch(s) x {config.num_samples} samples "
+              f"per stage; checkpoint every {config.checkpoint_every}",
+              f"  batch: {config.batch_size} global, at most {per_rank} per process",
+              f"  network: {config.arch} at {resolution} px, precision {precision.name}, channels-last "
+              f"{'on' if use_channels_last(config.channels_last, ctx.device) else 'off'}, compile "
+              f"{'on' if config.compile else 'off'}, gradient all-reduce {config.grad_compression}",
+              f"  weights: {weights}",
+              f"  run folder: {run.root} ({'resumed' if run.has_run() else 'created when training starts'})"]
+    return lines
 
 
 def load_data(config: Config) -> PreparedData:
@@ -109,7 +150,8 @@ def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, rep
         logger.info(f"stage {name}: already complete in {run.root}, skipped")
         return run.read_json(name, "result.json")
     stage = stage_spec(name, config, data)
-    frozen = load_old_codes(config, data, run) if name == INCREMENTAL else None
+    # Rank 0 may have written these codes moments ago (stage original of this command).
+    frozen = read_on_rank0(lambda: load_old_codes(config, data, run)) if name == INCREMENTAL else None
     training = StageTraining(stage, config, data, run, reporter, initial_codes(stage, config, frozen))
     logger.info(f"stage {name}: {stage.num_database} database items ({stage.num_frozen} frozen), "
                 f"{config.max_iter} outer iterations x {config.max_epoch} epochs x {config.num_samples} samples")
@@ -133,11 +175,12 @@ class StageTraining:
         self.channels_last = use_channels_last(config.channels_last, ctx.device)
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
-        self.model = torch.compile(comm.wrap(network)) if config.compile else comm.wrap(network)
+        wrapped = comm.wrap(network, config.grad_compression)
+        self.model = torch.compile(wrapped) if config.compile else wrapped
         # Dropout (alexnet) draws from here: each rank its own masks, as separate GPUs would.
         torch.manual_seed(seed_of(config.seed, stage.seed_key, ctx.rank))
         self.precision = MixedPrecision(config.precision, ctx.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = self.precision.optimizer(self.model.parameters(), config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=stage.lr_decay)
         self.codes = codes.to(ctx.device, torch.float32)
         self.labels = torch.from_numpy(data.database_labels[:stage.num_database]).to(ctx.device, torch.float32)
@@ -153,6 +196,12 @@ class StageTraining:
 
     def fit(self):
         """The outer iterations of Algorithm 1, then the stage's evaluation and result."""
+        try:
+            return self._fit()
+        finally:  # a pending background checkpoint lands (or fails) before the stage ends, also on an error
+            self.run.wait_for_checkpoint()
+
+    def _fit(self):
         stage, config = self.stage, self.config
         frozen_before = codes_checksum(self.codes[:stage.num_frozen])
         for iteration in range(self.next_iteration, config.max_iter):
@@ -192,16 +241,25 @@ class StageTraining:
         return bool(every) and (iteration + 1) % every == 0 and iteration + 1 < self.config.max_iter
 
     def end_iteration(self, iteration: int, record: dict, elapsed_s: float) -> None:
-        """The per-iteration bookkeeping: history, TensorBoard, log line, checkpoint, agreed stop."""
+        """The per-iteration bookkeeping: history, TensorBoard, log line, checkpoint, agreed stop.
+
+        A checkpoint every --checkpoint-every iterations and after the last one, in the background; a stop
+        (SIGTERM on any rank) checkpoints at once, synchronously, whatever the schedule."""
         self.elapsed_s += elapsed_s
         self.history.append(record)
         self.next_iteration = iteration + 1
         self.reporter.scalars(self.stage.name, {k: v for k, v in record.items() if k != "iteration"}, iteration)
         log_iteration(self.stage.name, iteration, self.config.max_iter, record)
-        started = time.perf_counter()
-        self.checkpoint()
-        record["checkpoint_s"] = time.perf_counter() - started  # in the history from the next checkpoint on
-        comm.check_stop(f"outer iteration {iteration + 1} of stage {self.stage.name}")
+        stop = comm.stop_agreed()
+        scheduled = self.next_iteration % self.config.checkpoint_every == 0
+        if stop or scheduled or self.next_iteration == self.config.max_iter:
+            started = time.perf_counter()
+            self.checkpoint(background=not stop)
+            # what the loop paid (a background write goes on); in the history from the next checkpoint on
+            record["checkpoint_s"] = time.perf_counter() - started
+        if stop:
+            raise comm.StopRequested(f"stopped by SIGTERM after outer iteration {iteration + 1} of stage "
+                                     f"{self.stage.name}; continue with --resume")
 
     def train_on_sample(self, sample: torch.Tensor, r: Optional[float], iteration: int):
         """--max-epoch epochs over the sample with the codes fixed.
@@ -299,7 +357,8 @@ class StageTraining:
         """The stage's retrieval row (the same on every rank): its model's query codes against its codes.
         Returns (row, query codes, the times of the sharded query encoding and of rank 0's metrics)."""
         started = time.perf_counter()
-        query_codes = encode(self.model, self.data, "query", self.config, self.resolution, self.precision)
+        query_codes = encode(self.model, self.data, "query", self.config, self.resolution, self.precision,
+                             self.channels_last)
         encoded = time.perf_counter()  # encode ends in a gather: every rank's shard is done
         query_labels = torch.from_numpy(self.data.query_labels).to(query_codes.device)
         row = comm.rank0_computes(lambda: metrics.retrieval_row(
@@ -307,9 +366,9 @@ class StageTraining:
             self.config.precision_k))
         return row, query_codes, {"eval_encode_s": encoded - started, "eval_metrics_s": time.perf_counter() - encoded}
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, background: bool = False) -> None:
         rng = comm.gather_rng_states()
-        self.run.save_checkpoint(self.stage.name, {
+        self.run.save_checkpoint(self.stage.name, background=background, state={
             "stage": self.stage.name, "iteration": self.next_iteration - 1, "model": comm.unwrap(self.model),
             "optimizer": self.optimizer, "scheduler": self.scheduler, "codes": self.codes.to("cpu", torch.int8),
             "history": self.history, "elapsed_s": self.elapsed_s, "rng": rng,
@@ -333,7 +392,7 @@ class StageTraining:
 
 
 def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config, resolution: int,
-           precision: MixedPrecision) -> torch.Tensor:
+           precision: MixedPrecision, channels_last: bool = False) -> torch.Tensor:
     """int8 codes of every row of a part (query/database), each rank encoding a contiguous shard."""
     ctx = comm.context()
     count = data.num_query if part == "query" else data.num_database
@@ -342,7 +401,7 @@ def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config
     batches = eval_batches(data, part, batch_size=batch_size, resolution=resolution, device=ctx.device,
                            num_workers=config.loader_threads, indices=shard)
     local = encode_batches(comm.unwrap(model), progress(batches, -(-len(shard) // batch_size), f"encoding {part}"),
-                           precision.autocast)
+                           precision.autocast, channels_last)
     if local is None:  # more ranks than rows
         local = torch.empty(0, config.code_length, dtype=torch.int8, device=ctx.device)
     return comm.gather_rows(local).to(ctx.device)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -63,6 +64,32 @@ def atomic_torch_save(path: Path, value: Any) -> None:
     except OSError as error:
         raise OSError(f"could not write {path} ({error.strerror or error}); the previous version of it, "
                       f"if any, is intact") from error
+
+
+def host_copy(value: Any) -> Any:
+    """A copy of a (nested dict/list/tuple of) state that later training steps cannot change: every tensor
+    copied to the host (also a CPU tensor, which a state dict only references), every container new."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((k, host_copy(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(v) for v in value)
+    return value
+
+
+def read_on_rank0(read):
+    """`read()` on rank 0 alone, its value (or its error) on every rank. For files rank 0 has just written
+    that the other nodes need: a shared file system may not show them there yet."""
+    def attempt():
+        try:
+            return read(), None
+        except Exception as error:  # noqa: B902 - raised again on every rank below
+            return None, error
+    value, error = comm.rank0_computes(attempt)
+    if error is not None:
+        raise error
+    return value
 
 
 def codes_checksum(codes: torch.Tensor) -> str:
@@ -107,6 +134,8 @@ def data_differences(saved: dict, current: dict) -> List[str]:
 class RunFolder:
     def __init__(self, root):
         self.root = Path(root)
+        self._writer: Optional[threading.Thread] = None
+        self._writer_error: Optional[BaseException] = None
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -159,7 +188,8 @@ class RunFolder:
                              f"stages to it), or choose another --out")
         saved = self.read_json("config.json")
         current = stored_settings(config)
-        changed = [k for k in _resume_invariants() if saved.get(k) != current.get(k)]
+        # A setting its config.json lacks did not exist yet when the run started: the run had its default.
+        changed = [k for k in _resume_invariants() if saved.get(k, _default_of(k)) != current.get(k)]
         if changed:
             detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
             raise ValueError(f"--resume {self.root}: the run was started with other settings ({detail}); resume "
@@ -201,12 +231,40 @@ class RunFolder:
         for temp in self.root.rglob(".*.tmp"):
             temp.unlink(missing_ok=True)
 
-    def save_checkpoint(self, stage: str, state: Dict[str, Any]) -> None:
-        """Objects with a state_dict are saved by it; everything else as it is. Every rank waits for it."""
+    def save_checkpoint(self, stage: str, state: Dict[str, Any], background: bool = False) -> None:
+        """Objects with a state_dict are saved by it; everything else as it is.
+
+        Synchronous (the default): written and fsynced before every rank goes on. background: rank 0 takes a
+        host copy of the state now and a thread writes it while training goes on (the other ranks do not
+        wait at all); the previous background write is finished first, and its error, if any, is raised
+        here or by `wait_for_checkpoint`."""
         if comm.context().is_main:
+            self.wait_for_checkpoint()
             saved = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
-            atomic_torch_save(self.checkpoint_path(stage), saved)
-        comm.barrier()
+            if background:
+                self._start_writer(self.checkpoint_path(stage), host_copy(saved))
+            else:
+                atomic_torch_save(self.checkpoint_path(stage), saved)
+        if not background:
+            comm.barrier()
+
+    def _start_writer(self, path: Path, state: Dict[str, Any]) -> None:
+        def write():
+            try:
+                atomic_torch_save(path, state)
+            except BaseException as error:  # noqa: B902 - handed to the training thread
+                self._writer_error = error
+        self._writer = threading.Thread(target=write, name=f"checkpoint {path.name}", daemon=True)
+        self._writer.start()
+
+    def wait_for_checkpoint(self) -> None:
+        """Until the background checkpoint write (if any) is on disk; raises its error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        error, self._writer_error = self._writer_error, None
+        if error is not None:
+            raise error
 
     def save_stage(self, stage: str, model_state: dict, database_codes: torch.Tensor,
                    query_codes: torch.Tensor, result: dict) -> None:
@@ -221,8 +279,10 @@ class RunFolder:
         comm.barrier()
 
     def write_metrics(self) -> dict:
-        """metrics.json from every finished stage of the run, whichever command finished it."""
-        results = {stage: self.read_json(stage, "result.json") for stage in self.finished_stages()}
+        """metrics.json from every finished stage of the run, whichever command finished it (read on rank 0,
+        which has just written them)."""
+        results = read_on_rank0(lambda: {stage: self.read_json(stage, "result.json")
+                                         for stage in self.finished_stages()})
         summary = {"rows": [{"name": STAGE_TITLES[k], "stage": k, **v["row"]} for k, v in results.items()],
                    "stages": results}
         if comm.context().is_main:
@@ -247,6 +307,11 @@ class RunFolder:
 def _resume_invariants():
     from ..training.config import RESUME_INVARIANTS
     return RESUME_INVARIANTS
+
+
+def _default_of(name: str):
+    from ..training.config import default_of
+    return default_of(name)
 
 
 def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
