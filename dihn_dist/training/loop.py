@@ -197,9 +197,17 @@ class StageTraining:
     def fit(self):
         """The outer iterations of Algorithm 1, then the stage's evaluation and result."""
         try:
-            return self._fit()
-        finally:  # a pending background checkpoint lands (or fails) before the stage ends, also on an error
-            self.run.wait_for_checkpoint()
+            result = self._fit()
+        except BaseException:
+            # The last checkpoint lands before the error ends the process; a failed write is only logged
+            # here, so that it does not hide the error that stopped the stage.
+            try:
+                self.run.wait_for_checkpoint()
+            except Exception as write_error:  # noqa: B902
+                logger.error(f"stage {self.stage.name}: the last checkpoint could not be written: {write_error}")
+            raise
+        self.run.wait_for_checkpoint()
+        return result
 
     def _fit(self):
         stage, config = self.stage, self.config
