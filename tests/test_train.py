@@ -341,3 +341,17 @@ def test_fast_kernels_unless_deterministic(tiny_prepared, tmp_path):
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = \
             saved[:3]
         torch.use_deterministic_algorithms(saved[3])
+
+
+def test_a_run_from_before_a_new_setting_resumes_with_its_default(finished_run, tmp_path, tiny_prepared, capsys):
+    """A run whose config.json predates a setting that --resume must keep (here --grad-compression) ran with
+    that setting's default: resuming it with the default is accepted, with another value refused."""
+    run = copy_run(finished_run, tmp_path / "old")
+    settings = json.loads((run / "config.json").read_text())
+    del settings["grad_compression"]
+    (run / "config.json").write_text(json.dumps(settings))
+    args = ["--max-iter", "2", "--stage", "all,retrain", "--eval-every", "1", "--resume", "--check-only"]
+    assert run_train(tiny_prepared, run, *args) == 0, capsys.readouterr().err
+    assert "already complete, skipped" in capsys.readouterr().out
+    assert run_train(tiny_prepared, run, *args, "--grad-compression", "bf16") == 2
+    assert "--grad-compression 'none' -> 'bf16'" in capsys.readouterr().err

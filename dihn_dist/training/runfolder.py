@@ -191,7 +191,8 @@ class RunFolder:
         # A setting its config.json lacks did not exist yet when the run started: the run had its default.
         changed = [k for k in _resume_invariants() if saved.get(k, _default_of(k)) != current.get(k)]
         if changed:
-            detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+            detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k, _default_of(k))!r} -> {getattr(config, k)!r}"
+                               for k in changed)
             raise ValueError(f"--resume {self.root}: the run was started with other settings ({detail}); resume "
                              f"it with `{train_command(self.root)}`, or choose another --out")
         if self.path("manifest.json").is_file():
