@@ -7,7 +7,8 @@ Each stage is Algorithm 1 of the paper (`StageTraining.fit`):
         sample m database items          (seeded by seed, stage and iteration: the same on every rank)
         train the CNN on them for E epochs, codes fixed; keep the last epoch's outputs U
         gather U on rank 0, which updates the learned codes by DCC and broadcasts them (bit-packed)
-        checkpoint (atomic); stop here if SIGTERM arrived
+        every --checkpoint-every iterations: checkpoint (atomic, written in the background by rank 0);
+        if SIGTERM arrived: checkpoint now and stop
     encode the queries, evaluate, export the stage
 
 Stage 2 learns only the incremental items' codes B_new; B_old stays bit-identical (checked by checksum
