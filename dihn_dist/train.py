@@ -27,6 +27,8 @@ def run_command_line(argv) -> int:
     config = parse_config(argv)
     if config.deterministic:
         machine.make_deterministic()
+    else:
+        machine.fast_kernels()
     comm.init(config.device, config.collective_timeout)
     try:
         with comm.stop_on_sigterm:

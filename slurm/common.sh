@@ -14,8 +14,8 @@
 # Preemption: the templates ask for `--signal=B:USR1@120` and `--requeue`. Slurm sends SIGUSR1 to this
 # batch shell only, 120 s before the time limit (or on `scancel --signal=USR1 --batch JOBID`). The trap
 # below sends SIGTERM to the step's tasks (scancel --signal=TERM: the torchrun agent on every node); the
-# agent stops its workers (SIGTERM, SIGKILL after 30 s) and exits, and so does srun. The trainer writes a checkpoint after every outer
-# iteration (atomically), so at most the iteration in progress is lost. Then the shell runs
+# agent stops its workers (SIGTERM, SIGKILL after 30 s) and exits, and so does srun. The trainer checkpoints
+# the outer iteration it stopped after at once (atomically), so at most the iteration in progress is lost. Then the shell runs
 # `scontrol requeue $SLURM_JOB_ID`; the next attempt (SLURM_RESTART_COUNT=1, 2, ...) runs the same
 # command, which always has --resume, and continues from RUN_DIR/checkpoints/<stage>.pt. A SIGUSR1 must
 # not reach torchrun's agent directly (it would kill the agent, not stop the workers): hence `B:`, and
@@ -141,6 +141,15 @@ trap dihn_on_term TERM
 
 # --- torchrun on every node of the allocation ----------------------------------------------------------
 
+# The step's GPU request: every GPU the job has on a node, for the one task (torchrun) there; nothing when
+# the job has no GPUs. Asked for explicitly, as --cpus-per-task is: whether a step inherits the job's GPUs
+# without asking depends on the Slurm version and site configuration, and a step without them would see
+# no GPU at all (torch.cuda.is_available() false: --device cuda refused).
+dihn_step_gpus() {
+  local gpus="${SLURM_GPUS_ON_NODE:-0}"
+  if [[ "$gpus" =~ ^[1-9][0-9]*$ ]]; then echo "--gpus-per-node=$gpus"; fi
+}
+
 # dihn_torchrun PROCESSES_PER_NODE TRAIN_ARGS...: one srun task per node, each running
 #   torchrun --nnodes $SLURM_NNODES --nproc_per_node PROCESSES_PER_NODE --rdzv_backend c10d
 #            --rdzv_endpoint <head node>:<port> -m dihn_dist.train --resume TRAIN_ARGS...
@@ -162,6 +171,9 @@ dihn_torchrun() {
   local -a step=(srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
   # Slurm 22.05+ srun does not inherit sbatch's --cpus-per-task: pass it on.
   [ -z "${SLURM_CPUS_PER_TASK:-}" ] || step+=(--cpus-per-task="${SLURM_CPUS_PER_TASK:-}")
+  local gpus
+  gpus="$(dihn_step_gpus)"
+  [ -z "$gpus" ] || step+=("$gpus")
   dihn_run_step "${step[@]}" \
     torchrun --nnodes "$nnodes" --nproc_per_node "$nproc" \
       --rdzv_backend c10d --rdzv_endpoint "$head:$port" --rdzv_id "dihn-${SLURM_JOB_ID}" \

@@ -21,9 +21,11 @@ def tiny_prepared(tmp_path_factory) -> Path:
     return out
 
 
-# The training settings of every tiny run in the tests: seconds on 2 cores.
+# The training settings of every tiny run in the tests: seconds on 2 cores. A checkpoint after every outer
+# iteration: the tests interrupt runs at given iterations.
 TINY_TRAIN_ARGS = ["--arch", "small-cnn", "--code-length", "8", "--max-epoch", "1", "--num-samples", "120",
-                   "--batch-size", "32", "--lr", "1e-3", "--num-workers", "1", "--device", "cpu", "--seed", "3"]
+                   "--batch-size", "32", "--lr", "1e-3", "--num-workers", "1", "--device", "cpu", "--seed", "3",
+                   "--checkpoint-every", "1"]
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,7 @@ def test_resume_invariants_are_derived_from_the_declarations():
     assert set(RESUME_INVARIANTS) == {
         "batch_size", "lr", "weight_decay", "code_length", "max_iter", "max_epoch", "num_samples", "gamma", "mu",
         "lr_decay_original", "lr_decay_incremental", "soft_similarity", "seed", "arch", "pretrained", "resolution",
-        "augment", "old_run", "old_stage", "old_codes", "precision"}
+        "augment", "old_run", "old_stage", "old_codes", "precision", "grad_compression"}
 
 
 def test_config_is_not_changed_after_parsing():

@@ -186,3 +186,22 @@ def test_eval_batches_are_sequential_and_deterministic(tiny_prepared, source_pix
         eval_batches(data, "query", batch_size=3, resolution=28, device=CPU, num_workers=1, indices=np.array([100]))
     with pytest.raises(ValueError, match="part"):
         eval_batches(data, "train", batch_size=3, resolution=28, device=CPU, num_workers=1)
+
+
+def test_loaders_switch_off_ffcvs_cuda_streams(tiny_prepared, source_pixels, monkeypatch):
+    """FFCV's epoch iterator wraps each batch in a CUDA stream of its own thread (current device 0) whenever
+    CUDA is present; building a loader must switch that off. Here the flag is forced on as on a GPU machine:
+    left on, the loader thread would call into CUDA, which this CPU machine lacks, and yield nothing."""
+    from ffcv.loader import epoch_iterator
+    monkeypatch.setattr(epoch_iterator, "IS_CUDA", True)
+    data = load_prepared(tiny_prepared)
+    loader = TrainLoader(data, batch_size=8, resolution=28, device=CPU, num_workers=1, length=12)
+    assert epoch_iterator.IS_CUDA is False
+    positions, sizes = batch_schedule(np.arange(100, 112), 8, 1, 0)
+    loader.set_order(positions, sizes)
+    images = torch.cat([b[0] for b in loader])
+    assert np.array_equal(pixels(images), source_pixels["database"][positions])
+    monkeypatch.setattr(epoch_iterator, "IS_CUDA", True)
+    batches = list(eval_batches(data, "query", batch_size=4, resolution=28, device=CPU, num_workers=1,
+                                indices=np.arange(6)))
+    assert epoch_iterator.IS_CUDA is False and sum(len(b[2]) for b in batches) == 6

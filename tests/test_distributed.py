@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 COMMON = ["--arch", "small-cnn", "--code-length", "8", "--max-epoch", "1", "--num-samples", "120",
-          "--lr", "1e-3", "--num-workers", "1", "--device", "cpu", "--seed", "5", "--augment", "crop-flip"]
+          "--lr", "1e-3", "--num-workers", "1", "--device", "cpu", "--seed", "5", "--augment", "crop-flip",
+          "--checkpoint-every", "1"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
@@ -118,3 +119,61 @@ def test_a_failing_rank_stops_every_rank(tiny_prepared, tmp_path):
     assert result.returncode != 0
     assert "injected failure" in result.stdout + result.stderr
     assert not (out / "original" / "result.json").exists()
+
+
+def test_bf16_gradient_compression_under_gloo(one_process_run, tiny_prepared, tmp_path):
+    """--grad-compression bf16 (DDP's bf16_compress_hook, which gloo carries): the run completes, its
+    trajectory leaves the exact one (the hook is active) but stays close to it."""
+    out = tmp_path / "bf16-grads"
+    result = torchrun(2, tiny_prepared, out, "--batch-size", "32", "--max-iter", "2", "--stage", "all",
+                      "--grad-compression", "bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("original", "incremental"):
+        compressed, exact = iteration_losses(out, stage), iteration_losses(one_process_run, stage)
+        np.testing.assert_allclose(compressed, exact, rtol=0.05, atol=1e-6)
+        assert not np.allclose(compressed, exact, rtol=1e-6, atol=0), f"{stage}: compression changed nothing"
+        codes = np.load(out / stage / "database_codes.npy")
+        assert (codes == np.load(one_process_run / stage / "database_codes.npy")).mean() > 0.8
+
+
+READ_ON_RANK0 = """
+import json, sys
+from dihn_dist.distributed import comm
+from dihn_dist.data.prepared import load_prepared
+from dihn_dist.training.config import parse_config
+from dihn_dist.training.runfolder import RunFolder, load_old_codes
+data_dir, run_dir, missing, report = sys.argv[1:]
+ctx = comm.init("cpu")
+root = run_dir if ctx.is_main else missing  # the other rank's node does not see the run folder (yet)
+config = parse_config(["--data", data_dir, "--out", root, "--stage", "incremental", "--code-length", "8"])
+run = RunFolder(root)
+summary = run.write_metrics()
+codes = comm.rank0_decides(lambda: load_old_codes(config, load_prepared(data_dir), run))
+try:
+    comm.rank0_decides(lambda: RunFolder(missing).read_json("result.json"))
+    error = None
+except FileNotFoundError as raised:
+    error = type(raised).__name__
+with open(f"{report}.{ctx.rank}", "w") as f:
+    json.dump({"rows": summary["rows"], "codes": codes.tolist(), "error": error}, f)
+comm.shutdown()
+"""
+
+
+def test_files_rank0_just_wrote_are_read_on_rank0_and_broadcast(finished_run, tiny_prepared, tmp_path):
+    """metrics.json's stage results and stage 2's B_old come from rank 0's reading (another node's file
+    system may not show rank 0's fresh files yet); an error reading them is raised on every rank."""
+    from conftest import copy_run
+    run = copy_run(finished_run, tmp_path / "run")
+    script, report = tmp_path / "read.py", tmp_path / "report"
+    script.write_text(READ_ON_RANK0)
+    result = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
+                             str(tiny_prepared), str(run), str(tmp_path / "not-here"), str(report)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+    rank0, rank1 = (json.loads(report.with_name(f"report.{rank}").read_text()) for rank in (0, 1))
+    assert rank0 == rank1
+    assert {row["stage"] for row in rank1["rows"]} == {"original", "incremental", "retrain"}
+    assert np.array_equal(np.array(rank1["codes"]), np.load(run / "original" / "database_codes.npy"))
+    assert rank1["error"] == "FileNotFoundError"

@@ -74,3 +74,52 @@ def test_auto_precision_is_fp32_on_cpu_and_bad_values_are_refused():
     assert MixedPrecision("auto", CPU).name == "fp32" and MixedPrecision("auto", CPU).scaler is None
     with pytest.raises(ValueError, match="--precision: expected one of auto, fp32, bf16, fp16"):
         MixedPrecision("fp8", CPU)
+
+
+@pytest.mark.parametrize("arch", ["small-cnn", "alexnet"])
+def test_hash_layer_and_tanh_stay_float32_under_bf16_autocast(arch):
+    """Under bf16 autocast the backbone runs in bf16, but the hash layer and tanh run in float32: the outputs
+    are float32 and equal the fp32 head applied to the same features (in bf16 tanh saturates to exactly +-1
+    from |x| ~ 3.5 on, where its gradient is exactly 0)."""
+    from dihn_dist.models.networks import build_model
+    torch.manual_seed(0)
+    model = build_model(arch, 12)
+    head = model.hash_layer[-1] if arch == "small-cnn" else model.backbone.classifier[6]
+    seen = {}
+    head.register_forward_pre_hook(lambda module, inputs: seen.update(features=inputs[0]))
+    images = torch.randn(4, 3, 32 if arch == "small-cnn" else 64, 32 if arch == "small-cnn" else 64)
+    with MixedPrecision("bf16", CPU).autocast():
+        outputs = model(images)
+    assert seen["features"].dtype == torch.bfloat16, "the backbone did not run in bf16"
+    assert outputs.dtype == torch.float32
+    expected = torch.tanh(torch.nn.functional.linear(seen["features"].float(), head.weight, head.bias))
+    assert torch.equal(outputs, expected)
+
+
+def test_fp16_scaler_step_reads_nothing_on_the_host(monkeypatch):
+    """The fp16 scaler's inf check stays on the device (fused Adam takes it as a tensor): no .item() per step."""
+    precision = MixedPrecision("fp16", CPU)
+    model = SmallCNN(8)
+    optimizer = precision.optimizer(model.parameters(), 1e-3, 1e-5)
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+    for _ in range(3):
+        with precision.autocast():
+            outputs = model(torch.randn(4, 3, 28, 28))
+        precision.step((outputs ** 2).sum(), optimizer)
+    assert reads == []
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_encoding_feeds_a_channels_last_network_channels_last_inputs():
+    from dihn_dist.models.networks import encode_batches
+    torch.manual_seed(0)
+    model = SmallCNN(8).to(memory_format=torch.channels_last)
+    formats = []
+    model.features[0].register_forward_pre_hook(
+        lambda module, inputs: formats.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    batches = [(torch.randn(3, 3, 28, 28),), (torch.randn(2, 3, 28, 28),)]
+    nhwc = encode_batches(model, batches, channels_last=True)
+    assert formats == [True, True]
+    assert torch.equal(nhwc, encode_batches(model, batches))

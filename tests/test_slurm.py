@@ -366,3 +366,15 @@ def test_a_slurm_that_cannot_start_fails_under_ci_and_skips_elsewhere(monkeypatc
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         slurm_missing("slurm-wlm cannot be installed")
+
+
+def test_the_step_asks_for_the_nodes_gpus_only_when_the_job_has_them():
+    """srun gets --gpus-per-node with the GPUs the job has on the node (SLURM_GPUS_ON_NODE), and no GPU
+    option at all for a CPU job (the CPU smoke test's path)."""
+    def step_gpus(**env):
+        run_env = {k: v for k, v in os.environ.items() if k != "SLURM_GPUS_ON_NODE"}
+        return subprocess.run(["bash", "-c", f'source "{COMMON}" && dihn_step_gpus'], env={**run_env, **env},
+                               capture_output=True, text=True, check=True).stdout.strip()
+    assert step_gpus(SLURM_GPUS_ON_NODE="4") == "--gpus-per-node=4"
+    assert step_gpus() == "" and step_gpus(SLURM_GPUS_ON_NODE="0") == ""
+    assert 'gpus="$(dihn_step_gpus)"' in COMMON.read_text()

@@ -322,3 +322,101 @@ def test_kill_9_in_a_later_stage_resumes_to_the_uninterrupted_codes(finished_run
     for name in ("original", "incremental", "retrain"):
         for part in ("database_codes.npy", "query_codes.npy"):
             assert np.array_equal(np.load(finished_run / name / part), np.load(out / name / part)), (name, part)
+
+
+def test_crash_between_checkpoints_resumes_to_the_same_codes(tiny_prepared, tmp_path):
+    """--checkpoint-every 2: a run that dies in outer iteration 4 last checkpointed after iteration 2 (the
+    third iteration wrote none, in the background or otherwise); resumed, it redoes iteration 3 and ends with
+    the codes and weights of an uninterrupted run that checkpointed every iteration."""
+    args = ["--max-iter", "5", "--stage", "original"]
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(tiny_prepared, reference, *args), check=True, capture_output=True)
+
+    out = tmp_path / "crashed"
+    sparse = [*args, "--checkpoint-every", "2"]
+    crashed = subprocess.run(_train_command(tiny_prepared, out, *sparse), capture_output=True, text=True,
+                             env={**os.environ, "DIHN_FAIL_AT": "rank=0,iteration=4"})
+    assert crashed.returncode == 1 and "injected failure" in crashed.stderr, crashed.stderr[-2000:]
+    assert torch.load(out / "checkpoints" / "original.pt", weights_only=False)["iteration"] == 1
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["original.pt"]
+
+    subprocess.run(_train_command(tiny_prepared, out, *sparse, "--resume"), check=True, capture_output=True)
+    assert "resumed after outer iteration 2 of 5" in (out / "train.log").read_text()
+    for name in ("database_codes.npy", "query_codes.npy"):
+        assert np.array_equal(np.load(reference / "original" / name), np.load(out / "original" / name))
+    ref_model = torch.load(reference / "original" / "model.pt")
+    new_model = torch.load(out / "original" / "model.pt")
+    assert all(torch.equal(ref_model[k], new_model[k]) for k in ref_model)
+
+
+def test_sigterm_checkpoints_at_once_whatever_the_schedule(tiny_prepared, tmp_path):
+    """With --checkpoint-every larger than the run, SIGTERM still leaves a checkpoint of the iteration it
+    stopped after (written synchronously before the exit), and the resumed run ends as an uninterrupted one."""
+    args = ["--max-iter", "4", "--stage", "original"]
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(tiny_prepared, reference, *args), check=True, capture_output=True)
+
+    out = tmp_path / "stopped"
+    rare = [*args, "--checkpoint-every", "50"]
+    process = subprocess.Popen(_train_command(tiny_prepared, out, *rare), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    log = out / "train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and "iteration 1/4" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    stopped_after = torch.load(out / "checkpoints" / "original.pt", weights_only=False)["iteration"]
+    assert stopped_after < 3 and not (out / "original" / "result.json").exists()
+    subprocess.run(_train_command(tiny_prepared, out, *rare, "--resume"), check=True, capture_output=True)
+    assert np.array_equal(np.load(reference / "original" / "database_codes.npy"),
+                          np.load(out / "original" / "database_codes.npy"))
+
+
+def test_check_only_prints_the_plan_and_writes_nothing(tiny_prepared, tmp_path, capsys):
+    out = tmp_path / "planned"
+    assert run_train(tiny_prepared, out, "--check-only", "--max-iter", "7") == 0
+    plan = capsys.readouterr().out
+    assert not out.exists(), "--check-only created the run folder"
+    for expected in ("1 process(es) on cpu", "stage original: 420 database rows (0 frozen)",
+                     "stage incremental: 600 database rows (420 frozen, B_old from this run's stage original)",
+                     "7 x 1 epoch(s) x 120 samples", "32 global, at most 32 per process",
+                     "small-cnn at 28 px, precision fp32", "weights: from scratch"):
+        assert expected in plan, (expected, plan)
+    assert run_train(tiny_prepared, out, "--check-only", "--num-samples", "500") == 2
+    assert "--num-samples 500: expected 1..420" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_fast_kernels_unless_deterministic(tiny_prepared, tmp_path):
+    """cuDNN benchmarking and TF32 are switched on for a run, off with --deterministic (no GPU needed to
+    check the switches)."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled())
+    try:
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+        assert run_train(tiny_prepared, tmp_path / "fast", "--check-only") == 0
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+        assert run_train(tiny_prepared, tmp_path / "exact", "--check-only", "--deterministic") == 0
+        assert not (torch.backends.cudnn.benchmark or torch.backends.cuda.matmul.allow_tf32
+                    or torch.backends.cudnn.allow_tf32)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = \
+            saved[:3]
+        torch.use_deterministic_algorithms(saved[3])
+
+
+def test_a_run_from_before_a_new_setting_resumes_with_its_default(finished_run, tmp_path, tiny_prepared, capsys):
+    """A run whose config.json predates a setting that --resume must keep (here --grad-compression) ran with
+    that setting's default: resuming it with the default is accepted, with another value refused."""
+    run = copy_run(finished_run, tmp_path / "old")
+    settings = json.loads((run / "config.json").read_text())
+    del settings["grad_compression"]
+    (run / "config.json").write_text(json.dumps(settings))
+    args = ["--max-iter", "2", "--stage", "all,retrain", "--eval-every", "1", "--resume", "--check-only"]
+    assert run_train(tiny_prepared, run, *args) == 0, capsys.readouterr().err
+    assert "already complete, skipped" in capsys.readouterr().out
+    assert run_train(tiny_prepared, run, *args, "--grad-compression", "bf16") == 2
+    assert "--grad-compression 'none' -> 'bf16'" in capsys.readouterr().err

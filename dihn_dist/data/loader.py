@@ -66,8 +66,9 @@ def pipelines(resolution: int, crop_ratio: float) -> Dict[str, list]:
     """uint8 images (b, 3, R, R) (a channels-last view), uint8 labels (b, L), int64 positions (b, 1), on the CPU.
 
     The pipelines never touch CUDA: FFCV's loader thread would create a context on GPU 0 in every process
-    and reuse its pinned buffers before a non-blocking copy had finished. `convert_batch` moves each batch
-    to the device with an ordinary (blocking) copy instead. No random decoding either: FFCV's random
+    (`cpu_only_epoch_iterator`) and reuse its buffers before a non-blocking copy had finished. `convert_batch`
+    copies the images out of FFCV's buffer and sends them to the device, one copy per batch, the labels and
+    positions stay on the host. No random decoding either: FFCV's random
     decoders draw from unseeded generators, so augmentation runs on the device (`dihn_dist.models.augment`)."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
@@ -79,9 +80,22 @@ def pipelines(resolution: int, crop_ratio: float) -> Dict[str, list]:
             "index": [IntDecoder(), ToTensor()]}
 
 
+def cpu_only_epoch_iterator() -> None:
+    """Keep FFCV's loader thread off CUDA. With CUDA present, FFCV 1.0.2's epoch iterator runs every batch's
+    pipeline inside `torch.cuda.stream(...)` in its own thread, whose current device is 0 whatever the
+    process chose: every rank >= 1 then creates a context on GPU 0 (and under EXCLUSIVE_PROCESS compute mode
+    the loader thread dies while the main thread waits for its batch forever). Our pipelines end on the CPU
+    (`pipelines`), so its streams and events guard nothing: the module flag that enables them is read at
+    every use, and switched off here before any loader iterates. (FFCV's only other CUDA call, pinning its
+    buffers, runs in the main thread, on this process's own device.)"""
+    from ffcv.loader import epoch_iterator
+    epoch_iterator.IS_CUDA = False
+
+
 def build_loader(beton: Path, *, batch_size: int, num_workers: int, indices: np.ndarray, pipeline_spec,
                  seed: int):
     from ffcv.loader import Loader, OrderOption
+    cpu_only_epoch_iterator()
     if num_workers < 1:
         raise ValueError(f"num_workers: expected >= 1 (FFCV's -1 would use every CPU of the host), got {num_workers}")
     return Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
@@ -106,7 +120,10 @@ class Normaliser:
 
     On CPU one numba pass (`normalise_into`, `num_threads` threads) replaces the 3-4 passes of torch ops,
     which cost more than FFCV's whole decode at 224 px; on CUDA the uint8 batch is copied over (4x fewer
-    bytes than float32) and normalised there."""
+    bytes than float32) and normalised there: staged in a fresh pinned buffer (FFCV refills its own buffer
+    as soon as the next batch is asked for), then copied without blocking the host. The pinned buffer goes
+    back to torch's caching host allocator, which reuses it only once the copy has completed (the copy
+    records an event on it), so the host never waits for the device here."""
 
     def __init__(self, device: torch.device, num_threads: int = 1):
         self.device = torch.device(device)
@@ -120,11 +137,16 @@ class Normaliser:
     def __call__(self, images: Tensor) -> Tensor:
         if self.device.type == "cpu":
             return self.normalise_on_cpu(images)
-        # A blocking copy: FFCV refills this host buffer as soon as the next batch is asked for.
-        on_device = images.to(self.device, non_blocking=False)
+        on_device = self.to_device(images)
         out = torch.empty(images.shape, dtype=torch.float32, device=self.device)
         out.copy_(on_device)
         return out.sub_(self.mean).mul_(self.inverse_std)
+
+    def to_device(self, images: Tensor) -> Tensor:
+        """The batch on the (CUDA) device: one host-to-device copy that the host does not wait for."""
+        staged = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+        staged.copy_(images)
+        return staged.to(self.device, non_blocking=True)
 
     def normalise_on_cpu(self, images: Tensor) -> Tensor:
         pixels = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())   # FFCV's layout: (b, H, W, 3)
@@ -139,11 +161,12 @@ class Normaliser:
 
 
 def convert_batch(batch, normalise: Normaliser) -> Tuple[Tensor, Tensor, Tensor]:
-    """FFCV's (reused) host buffers -> fresh tensors on the device that the caller may keep."""
+    """FFCV's (reused) host buffers -> fresh tensors the caller may keep: the normalised images on the device,
+    the labels (float32) and database/part positions (int64) on the host. Nothing on the device reads the
+    labels or positions (the trainer knows each step's positions from its schedule), so only the images
+    cross to the device."""
     images, labels, index = batch
-    device = normalise.device
-    return (normalise(images), labels.to(device, torch.float32, copy=True),
-            index.reshape(-1).to(device, torch.int64, copy=True))
+    return (normalise(images), labels.to(torch.float32, copy=True), index.reshape(-1).to(torch.int64, copy=True))
 
 
 def eval_crop_ratio(data: PreparedData) -> float:
@@ -252,7 +275,8 @@ def take_items(held: List[Tuple[Tensor, ...]], size: int):
 def eval_batches(data: PreparedData, part: str, *, batch_size: int, resolution: int, device, num_workers: int,
                  indices: Optional[np.ndarray] = None) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
     """(images, labels, row indices within `part`) for the given rows (default all), in order; images are
-    resized (raw datasets) or resized and centre-cropped (JPEG datasets) to `resolution`, normalised."""
+    resized (raw datasets) or resized and centre-cropped (JPEG datasets) to `resolution`, normalised, on
+    `device`; labels and row indices stay on the host (`convert_batch`)."""
     beton = data.beton(part)
     rows = data.num_query if part == "query" else data.num_database
     check_resolution(resolution)

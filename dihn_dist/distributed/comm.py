@@ -92,15 +92,29 @@ def synchronize() -> None:
 # ----------------------------------------------------------------------------------------------------
 # The model under DDP
 
-def wrap(model: torch.nn.Module) -> torch.nn.Module:
+GRAD_COMPRESSIONS = ("none", "bf16")
+
+
+def wrap(model: torch.nn.Module, grad_compression: str = "none") -> torch.nn.Module:
     """DDP around the model when there are several processes (batch norm synchronised across them, so the
-    statistics are those of the global batch); the model itself otherwise."""
+    statistics are those of the global batch); the model itself otherwise.
+
+    grad_compression bf16: DDP's bf16_compress_hook sends each gradient bucket as bfloat16 (divided by the
+    world size before the sum), half the bytes of float32, and casts the sum back; every rank applies the
+    same rounded average, so ranks stay identical, but the trajectory differs from an uncompressed run."""
+    if grad_compression not in GRAD_COMPRESSIONS:
+        raise ValueError(f"--grad-compression: expected one of {', '.join(GRAD_COMPRESSIONS)}, "
+                         f"got {grad_compression!r}")
     if not _context.distributed:
         return model
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [_context.device.index] if _context.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if grad_compression == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        wrapped.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return wrapped
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -296,7 +310,7 @@ class StopRequested(Exception):
 
 
 class _StopOnSigterm:
-    """SIGTERM only sets a flag; `check_stop` after each checkpoint turns it into StopRequested on every rank
+    """SIGTERM only sets a flag; `stop_agreed` after each outer iteration turns it into a stop on every rank
     at once (a rank that stopped alone would leave the others waiting in a collective)."""
 
     def __init__(self):
@@ -319,10 +333,10 @@ class _StopOnSigterm:
 stop_on_sigterm = _StopOnSigterm()
 
 
-def check_stop(where: str) -> None:
-    """Raise StopRequested on every rank when SIGTERM reached any rank."""
-    if any_rank(stop_on_sigterm.requested):
-        raise StopRequested(f"stopped by SIGTERM after {where}; continue with --resume")
+def stop_agreed() -> bool:
+    """True on every rank when SIGTERM reached any rank (a collective: every rank calls it at the same point)."""
+    return any_rank(stop_on_sigterm.requested)
+
 
 
 def _device_for_collectives() -> torch.device:

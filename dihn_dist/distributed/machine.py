@@ -63,6 +63,16 @@ def set_intra_op_threads(local_world_size: int) -> None:
         torch.set_num_threads(cpu_share(local_world_size))
 
 
+def fast_kernels() -> None:
+    """The default outside --deterministic: cuDNN picks the fastest convolution algorithm per input shape
+    (timed once per shape; the trainer's shapes are few and fixed) and fp32 matmuls and convolutions use
+    TF32 on GPUs that have it (Ampere and later: 10 mantissa bits in the products, float32 accumulation).
+    Either can change results between runs or GPUs in the last bits; --deterministic turns both off."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def make_deterministic() -> None:
     """Deterministic kernels (and no TF32) so that a GPU run repeats from its seed, at some cost in speed.
     cuBLAS needs its workspace setting before the CUDA context exists: call this before init()."""

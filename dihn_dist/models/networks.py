@@ -31,13 +31,18 @@ def binarize(outputs: torch.Tensor) -> torch.Tensor:
     return torch.where(outputs >= 0, 1, -1).to(torch.int8)
 
 
-def encode_batches(network: nn.Module, batches, autocast=None) -> Optional[torch.Tensor]:
+def encode_batches(network: nn.Module, batches, autocast=None, channels_last: bool = False) -> Optional[torch.Tensor]:
     """int8 +-1 codes of every image of (images, ...) batches, in order, in eval mode; None if no batch.
-    `autocast`: the training precision's autocast context factory, so queries are encoded as trained."""
+    `autocast`: the training precision's autocast context factory, so queries are encoded as trained;
+    `channels_last`: the network was converted to NHWC, so its inputs are too (as in training: a
+    channels-first input would make every convolution convert it)."""
+    def layout(images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
     was_training = network.training
     network.eval()
     with torch.no_grad(), (autocast() if autocast else nullcontext()):
-        codes = [binarize(network(batch[0]).float()) for batch in batches]
+        codes = [binarize(network(layout(batch[0])).float()) for batch in batches]
     network.train(was_training)
     return torch.cat(codes) if codes else None
 
@@ -58,6 +63,25 @@ def input_resolution(arch: str, configured: Optional[int], stored_size: int) -> 
     if configured:
         return int(configured)
     return stored_size if arch == "small-cnn" else DEFAULT_RESOLUTION[arch]
+
+
+class Float32Linear(nn.Linear):
+    """The hash layer: a Linear that runs in float32 under autocast, on float32 inputs.
+
+    In bf16 the outputs U would keep 8 mantissa bits, and tanh rounds to exactly +-1 above |x| ~ 3.5,
+    where its gradient becomes exactly 0: the codes' learning signal is lost just where the outputs
+    saturate. One (features x c) layer is a negligible share of the network's work. Its parameters are a
+    Linear's (weight, bias), so state dicts and --pretrained files are unchanged."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):
+            return super().forward(features.float())
+
+
+def hash_tanh(logits: torch.Tensor) -> torch.Tensor:
+    """tanh of the hash layer's float32 outputs, in float32 whatever autocast is active."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return torch.tanh(logits.float())
 
 
 class SmallCNN(nn.Module):
@@ -91,11 +115,11 @@ class SmallCNN(nn.Module):
         )
         self.hash_layer = nn.Sequential(
             nn.Flatten(), nn.Linear(64 * 7 * 7, 512), nn.LeakyReLU(self.NEGATIVE_SLOPE, inplace=True),
-            nn.Linear(512, code_length),
+            Float32Linear(512, code_length),
         )
 
     def forward(self, images):
-        return torch.tanh(self.hash_layer(self.features(images)))
+        return hash_tanh(self.hash_layer(self.features(images)))
 
 
 class TorchvisionHashNet(nn.Module):
@@ -106,7 +130,7 @@ class TorchvisionHashNet(nn.Module):
         self.backbone = backbone
 
     def forward(self, images):
-        return torch.tanh(self.backbone(images))
+        return hash_tanh(self.backbone(images))
 
 
 def _torchvision_backbone(arch: str) -> nn.Module:
@@ -115,9 +139,9 @@ def _torchvision_backbone(arch: str) -> nn.Module:
 
 def _replace_head(arch: str, backbone: nn.Module, code_length: int) -> None:
     if arch == "alexnet":
-        backbone.classifier[6] = nn.Linear(backbone.classifier[6].in_features, code_length)
+        backbone.classifier[6] = Float32Linear(backbone.classifier[6].in_features, code_length)
     else:
-        backbone.fc = nn.Linear(backbone.fc.in_features, code_length)
+        backbone.fc = Float32Linear(backbone.fc.in_features, code_length)
 
 
 def load_pretrained(arch: str, backbone: nn.Module, path: Path) -> None:
@@ -141,8 +165,8 @@ def load_pretrained(arch: str, backbone: nn.Module, path: Path) -> None:
 
 class MixedPrecision:
     """The forward pass under torch.autocast at the chosen precision, and the optimizer step (with a
-    GradScaler for fp16, whose small range needs the loss scaled). Losses, DCC and mAP stay float32/64:
-    the trainer casts the network's outputs to float32 before anything else uses them.
+    GradScaler for fp16, whose small range needs the loss scaled). The hash layer and its tanh run in
+    float32 (`Float32Linear`, `hash_tanh`), and losses, DCC and mAP stay float32/64.
 
     auto = bf16 on a CUDA GPU that supports it (Ampere and later: about twice the fp32 speed for these
     CNNs, and bf16 keeps fp32's range, so no scaler), fp32 elsewhere (CPU autocast rarely pays off)."""
@@ -152,6 +176,9 @@ class MixedPrecision:
             raise ValueError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {requested!r}")
         if requested == "auto":
             requested = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        elif requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                             f"use --precision fp16 or fp32")
         self.name = requested
         self.device_type = device.type
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
@@ -159,6 +186,13 @@ class MixedPrecision:
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def optimizer(self, parameters, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """Adam; the fused kernel on CUDA (one launch for every parameter) and wherever the fp16 scaler runs:
+        GradScaler.step hands a fused optimizer its inf check as a tensor, where it would otherwise read it
+        on the host (a device sync every step)."""
+        fused = self.device_type == "cuda" or self.scaler is not None
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)

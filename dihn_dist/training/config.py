@@ -21,15 +21,20 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..common.formats import DIHN_STAGES, STAGES
+from ..distributed.comm import GRAD_COMPRESSIONS
 from ..distributed.comm import context as process_context
 from ..distributed.machine import cpu_share
 from ..models.augment import AUGMENTATIONS
 from ..models.augment import resolve as resolve_augment
 from ..models.networks import ARCHITECTURES, PRECISIONS, SWITCHES
 
-
 # ----------------------------------------------------------------------------------------------------
 # Declaring a setting
+
+# --checkpoint-every's default (docs/performance.md#checkpoints): AlexNet's state (weights and Adam's two
+# moments, 0.69 GB) took 8.5 s to write and fsync on a VM disk, several outer iterations of a GPU, so a
+# write every iteration would make the loop wait for the previous one; every 5 leaves it the time.
+CHECKPOINT_EVERY = 5
 
 @dataclass(frozen=True)
 class Option:
@@ -145,8 +150,10 @@ class Config:
     collective_timeout: float = option(1800.0, "seconds a rank waits in a collective (e.g. for rank 0's code "
                                                "update or checkpoint) before the job fails", positive=True)
     precision: str = option("auto", "autocast precision of the network: auto = bf16 on a GPU that supports it, "
-                                    "fp32 elsewhere; fp16 uses a gradient scaler. Losses, codes and mAP stay "
-                                    "float32/float64", choices=PRECISIONS, resume_keeps=True)
+                                    "fp32 elsewhere; fp16 uses a gradient scaler. The hash layer and tanh, "
+                                    "losses, codes and mAP stay float32/float64. On a GPU, fp32 matmuls and "
+                                    "convolutions use TF32 (Ampere and later) unless --deterministic",
+                            choices=PRECISIONS, resume_keeps=True)
     channels_last: str = option("auto", "NHWC memory format for the CNN (auto: on for CUDA)", choices=SWITCHES)
     compile: bool = option(False, "torch.compile the network (minutes of compilation, then faster steps on a "
                                   "GPU)")
@@ -156,6 +163,19 @@ class Config:
                                  "if there is none); on a finished run, adds the stages it lacks")
     debug: bool = option(False, "anomaly detection, verbose logs, tracebacks, and small defaults "
                                 "(2 iterations, 1 epoch, 200 samples)")
+    check_only: bool = option(False, "check every input as a run would (flags, data, run folder, --num-samples "
+                                     "per stage, B_old, --pretrained, device and precision), print the plan "
+                                     "(stages, outer iterations, per-process batch, resolution, precision, "
+                                     "weights, processes) and exit 0 without writing anything")
+    checkpoint_every: int = option(
+        CHECKPOINT_EVERY, "checkpoint every K outer iterations (and after a stage's last one). Rank 0 writes it "
+                          "in a background thread from a copy of the state while training goes on; SIGTERM "
+                          "still checkpoints at once. A crash (not a SIGTERM) loses at most K iterations",
+        positive=True)
+    grad_compression: str = option("none", "DDP gradient all-reduce: none (float32) or bf16 (half the bytes; "
+                                           "the summed gradients keep 8 mantissa bits, so runs differ from "
+                                           "uncompressed ones; for slow inter-node links)",
+                                   choices=GRAD_COMPRESSIONS, resume_keeps=True)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -7,7 +7,8 @@ Each stage is Algorithm 1 of the paper (`StageTraining.fit`):
         sample m database items          (seeded by seed, stage and iteration: the same on every rank)
         train the CNN on them for E epochs, codes fixed; keep the last epoch's outputs U
         gather U on rank 0, which updates the learned codes by DCC and broadcasts them (bit-packed)
-        checkpoint (atomic); stop here if SIGTERM arrived
+        every --checkpoint-every iterations: checkpoint (atomic, written in the background by rank 0);
+        if SIGTERM arrived: checkpoint now and stop
     encode the queries, evaluate, export the stage
 
 Stage 2 learns only the incremental items' codes B_new; B_old stays bit-identical (checked by checksum
@@ -60,6 +61,10 @@ def train(config: Config) -> int:
     """Check every input, then run the configured stages in order and report every finished one."""
     data, run = check_inputs(config)  # nothing is written before this returns
     try:
+        if config.check_only:
+            if comm.context().is_main:
+                print("\n".join(describe_plan(config, data, run)), flush=True)
+            return 0
         run.create(config, data)
         torch.autograd.set_detect_anomaly(config.debug)
         with logging_to(run, config.debug), Reporter(run) as reporter:
@@ -107,6 +112,7 @@ def check_inputs_of(config: Config, run: RunFolder):
     if config.resume:
         comm.rank0_decides(lambda: run.check_checkpoints(config.stage))
     build_model(config.arch, config.code_length, config.pretrained)  # a bad --pretrained file fails here
+    MixedPrecision(config.precision, ctx.device)  # bf16 on a GPU without it fails here
     return data, run
 
 
@@ -114,6 +120,42 @@ def check_old_codes(config: Config, data: PreparedData, run: RunFolder) -> None:
     """B_old can be read, unless this run's stage 2 is finished already."""
     if not run.stage_complete(INCREMENTAL):
         load_old_codes(config, data, run)
+
+
+def describe_plan(config: Config, data: PreparedData, run: RunFolder) -> list:
+    """What `train` would do with these checked inputs (--check-only prints it)."""
+    ctx = comm.context()
+    resolution = input_resolution(config.arch, config.resolution, data.image_size)
+    precision = MixedPrecision(config.precision, ctx.device)
+    per_rank = -(-config.batch_size // ctx.world_size)
+    lines = [f"check-only: every input checked, nothing written; {ctx.world_size} process(es) on "
+             f"{ctx.device if ctx.world_size == 1 else ctx.device.type}"]
+    for name in config.stage:
+        stage = stage_spec(name, config, data)
+        if run.stage_complete(name):
+            state = "already complete, skipped"
+        elif config.resume and run.checkpoint_path(name).is_file():
+            state = f"resumes from {run.checkpoint_path(name)}"
+        else:
+            state = "from the start"
+        frozen = ""
+        if stage.num_frozen:
+            source = (f"--old-codes {config.old_codes}" if config.old_codes else
+                      f"--old-run {config.old_run}" if config.old_run else "this run's stage original")
+            frozen = f", B_old from {source}"
+        lines.append(f"  stage {name}: {stage.num_database} database rows ({stage.num_frozen} frozen{frozen}), "
+                     f"{state}")
+    weights = (f"--pretrained {config.pretrained}" if config.pretrained not in (None, "", "none") else
+               "from scratch" if config.arch == "small-cnn" else "none: the backbone starts UNTRAINED")
+    lines += [f"  outer iterations: {config.max_iter} x {config.max_epoch} epoch(s) x {config.num_samples} samples "
+              f"per stage; checkpoint every {config.checkpoint_every}",
+              f"  batch: {config.batch_size} global, at most {per_rank} per process",
+              f"  network: {config.arch} at {resolution} px, precision {precision.name}, channels-last "
+              f"{'on' if use_channels_last(config.channels_last, ctx.device) else 'off'}, compile "
+              f"{'on' if config.compile else 'off'}, gradient all-reduce {config.grad_compression}",
+              f"  weights: {weights}",
+              f"  run folder: {run.root} ({'resumed' if run.has_run() else 'created when training starts'})"]
+    return lines
 
 
 def load_data(config: Config) -> PreparedData:
@@ -157,11 +199,12 @@ class StageTraining:
         self.channels_last = use_channels_last(config.channels_last, ctx.device)
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
-        self.model = torch.compile(comm.wrap(network)) if config.compile else comm.wrap(network)
+        wrapped = comm.wrap(network, config.grad_compression)
+        self.model = torch.compile(wrapped) if config.compile else wrapped
         # Dropout (alexnet) draws from here: each rank its own masks, as separate GPUs would.
         torch.manual_seed(seed_of(config.seed, stage.seed_key, ctx.rank))
         self.precision = MixedPrecision(config.precision, ctx.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = self.precision.optimizer(self.model.parameters(), config.lr, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=stage.lr_decay)
         self.codes = codes.to(ctx.device, torch.float32)
         self.labels = torch.from_numpy(data.database_labels[:stage.num_database]).to(ctx.device, torch.float32)
@@ -179,26 +222,27 @@ class StageTraining:
         """The outer iterations of Algorithm 1, then the stage's evaluation and result."""
         stage, config = self.stage, self.config
         frozen_before = codes_checksum(self.codes[:stage.num_frozen])
-        for iteration in range(self.next_iteration, config.max_iter):
-            clock = IterationClock()
-            inject_failure(iteration, self.model, stage.name)
-            sample = sample_positions(config.seed, stage, iteration, config.num_samples)
-            r = self.similarity_offset(sample) if config.soft_similarity else None
-            outputs, positions, losses = self.train_on_sample(sample, r, iteration)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
-            clock.lap("train")
-            code_update = self.update_codes(outputs, positions, r, clock)
-            record = iteration_record(iteration, lr, losses, clock, code_update,
-                                      images=config.num_samples * config.max_epoch, device=self.codes.device)
-            if self.evaluates_after(iteration):
-                row, _, times = self.evaluate()
-                record.update(evaluation_record(row, times))
-            self.end_iteration(iteration, record, clock.elapsed())
-        frozen_after = codes_checksum(self.codes[:stage.num_frozen])
-        if frozen_after != frozen_before:
-            raise RuntimeError(f"stage {stage.name}: the frozen codes changed ({frozen_before} -> {frozen_after})")
-        row, query_codes, times = self.evaluate()
+        with self.run.checkpoints_landing(stage.name):
+            for iteration in range(self.next_iteration, config.max_iter):
+                clock = IterationClock()
+                inject_failure(iteration, self.model, stage.name)
+                sample = sample_positions(config.seed, stage, iteration, config.num_samples)
+                r = self.similarity_offset(sample) if config.soft_similarity else None
+                outputs, positions, losses = self.train_on_sample(sample, r, iteration)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scheduler.step()
+                clock.lap("train")
+                code_update = self.update_codes(outputs, positions, r, clock)
+                record = iteration_record(iteration, lr, losses, clock, code_update,
+                                          images=config.num_samples * config.max_epoch, device=self.codes.device)
+                if self.evaluates_after(iteration):
+                    row, _, times = self.evaluate()
+                    record.update(evaluation_record(row, times))
+                self.end_iteration(iteration, record, clock.elapsed())
+            frozen_after = codes_checksum(self.codes[:stage.num_frozen])
+            if frozen_after != frozen_before:
+                raise RuntimeError(f"stage {stage.name}: the frozen codes changed ({frozen_before} -> {frozen_after})")
+            row, query_codes, times = self.evaluate()  # while the last checkpoint lands
         return {"stage": stage.name, "row": row, "iterations": self.history, "train_time_s": self.elapsed_s,
                 "final_eval": times,
                 "frozen_rows": stage.num_frozen, "frozen_checksum_before": frozen_before,
@@ -216,16 +260,25 @@ class StageTraining:
         return bool(every) and (iteration + 1) % every == 0 and iteration + 1 < self.config.max_iter
 
     def end_iteration(self, iteration: int, record: dict, elapsed_s: float) -> None:
-        """The per-iteration bookkeeping: history, TensorBoard, log line, checkpoint, agreed stop."""
+        """The per-iteration bookkeeping: history, TensorBoard, log line, checkpoint, agreed stop.
+
+        A checkpoint every --checkpoint-every iterations and after the last one, in the background; a stop
+        (SIGTERM on any rank) checkpoints at once, synchronously, whatever the schedule."""
         self.elapsed_s += elapsed_s
         self.history.append(record)
         self.next_iteration = iteration + 1
         self.reporter.scalars(self.stage.name, {k: v for k, v in record.items() if k != "iteration"}, iteration)
         log_iteration(self.stage.name, iteration, self.config.max_iter, record)
-        started = time.perf_counter()
-        self.checkpoint()
-        record["checkpoint_s"] = time.perf_counter() - started  # in the history from the next checkpoint on
-        comm.check_stop(f"outer iteration {iteration + 1} of stage {self.stage.name}")
+        stop = comm.stop_agreed()
+        scheduled = self.next_iteration % self.config.checkpoint_every == 0
+        if stop or scheduled or self.next_iteration == self.config.max_iter:
+            started = time.perf_counter()
+            self.checkpoint(background=not stop)
+            # what the loop paid (a background write goes on); in the history from the next checkpoint on
+            record["checkpoint_s"] = time.perf_counter() - started
+        if stop:
+            raise comm.StopRequested(f"stopped by SIGTERM after outer iteration {iteration + 1} of stage "
+                                     f"{self.stage.name}; continue with --resume")
 
     def train_on_sample(self, sample: torch.Tensor, r: Optional[float], iteration: int):
         """--max-epoch epochs over the sample with the codes fixed.
@@ -323,7 +376,8 @@ class StageTraining:
         """The stage's retrieval row (the same on every rank): its model's query codes against its codes.
         Returns (row, query codes, the times of the sharded query encoding and of rank 0's metrics)."""
         started = time.perf_counter()
-        query_codes = encode(self.model, self.data, "query", self.config, self.resolution, self.precision)
+        query_codes = encode(self.model, self.data, "query", self.config, self.resolution, self.precision,
+                             self.channels_last)
         encoded = time.perf_counter()  # encode ends in a gather: every rank's shard is done
         query_labels = torch.from_numpy(self.data.query_labels).to(query_codes.device)
         row = comm.rank0_decides(lambda: metrics.retrieval_row(
@@ -331,9 +385,9 @@ class StageTraining:
             self.config.precision_k))
         return row, query_codes, {"eval_encode_s": encoded - started, "eval_metrics_s": time.perf_counter() - encoded}
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, background: bool = False) -> None:
         rng = comm.gather_rng_states()
-        self.run.save_checkpoint(self.stage.name, {
+        self.run.save_checkpoint(self.stage.name, background=background, state={
             "stage": self.stage.name, "iteration": self.next_iteration - 1, "model": comm.unwrap(self.model),
             "optimizer": self.optimizer, "scheduler": self.scheduler, "codes": self.codes.to("cpu", torch.int8),
             "history": self.history, "elapsed_s": self.elapsed_s, "rng": rng,
@@ -359,7 +413,7 @@ class StageTraining:
 
 
 def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config, resolution: int,
-           precision: MixedPrecision) -> torch.Tensor:
+           precision: MixedPrecision, channels_last: bool = False) -> torch.Tensor:
     """int8 codes of every row of a part (query/database), each rank encoding a contiguous shard."""
     ctx = comm.context()
     count = data.num_query if part == "query" else data.num_database
@@ -368,7 +422,7 @@ def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config
     batches = eval_batches(data, part, batch_size=batch_size, resolution=resolution, device=ctx.device,
                            num_workers=config.loader_threads, indices=shard)
     local = encode_batches(comm.unwrap(model), progress(batches, -(-len(shard) // batch_size), f"encoding {part}"),
-                           precision.autocast)
+                           precision.autocast, channels_last)
     if local is None:  # more ranks than rows
         local = torch.empty(0, config.code_length, dtype=torch.int8, device=ctx.device)
     return comm.gather_rows(local).to(ctx.device)

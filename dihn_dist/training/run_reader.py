@@ -39,8 +39,16 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..common.codes import unpack_codes
-from ..common.formats import (INCREMENTAL, ORIGINAL, PREPARED_FORMAT, PUBLISHED_STAGES, RUN_FORMAT, STAGES,
-                               folder_kind, train_command)
+from ..common.formats import (
+    INCREMENTAL,
+    ORIGINAL,
+    PREPARED_FORMAT,
+    PUBLISHED_STAGES,
+    RUN_FORMAT,
+    STAGES,
+    folder_kind,
+    train_command,
+)
 
 # The prepared-data format versions this reader understands.
 PREPARED_FORMAT_VERSIONS = (1, 2)

@@ -27,7 +27,9 @@ import io
 import json
 import os
 import socket
+import threading
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -70,6 +72,18 @@ def atomic_torch_save(path: Path, value: Any) -> None:
     except OSError as error:
         raise OSError(f"could not write {path} ({error.strerror or error}); the previous version of it, "
                       f"if any, is intact") from error
+
+
+def host_copy(value: Any) -> Any:
+    """A copy of a (nested dict/list/tuple of) state that later training steps cannot change: every tensor
+    copied to the host (also a CPU tensor, which a state dict only references), every container new."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((k, host_copy(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(v) for v in value)
+    return value
 
 
 def codes_checksum(codes: torch.Tensor) -> str:
@@ -116,6 +130,8 @@ class RunFolder:
     def __init__(self, root):
         self.root = Path(root)
         self._lock = None  # rank 0's open lock file while this trainer holds the folder
+        self._writer: Optional[threading.Thread] = None
+        self._writer_error: Optional[BaseException] = None
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -226,9 +242,11 @@ class RunFolder:
                              f"stages to it), or choose another --out")
         saved = self.read_json("config.json")
         current = stored_settings(config)
-        changed = [k for k in _resume_invariants() if saved.get(k) != current.get(k)]
+        # A setting its config.json lacks did not exist yet when the run started: the run had its default.
+        changed = [k for k in _resume_invariants() if saved.get(k, _default_of(k)) != current.get(k)]
         if changed:
-            detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+            detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k, _default_of(k))!r} -> {getattr(config, k)!r}"
+                               for k in changed)
             raise ValueError(f"--resume {self.root}: the run was started with other settings ({detail}); resume "
                              f"it with `{train_command(self.root)}`, or choose another --out")
         if self.path("manifest.json").is_file():
@@ -280,12 +298,55 @@ class RunFolder:
         for temp in self.root.rglob(".*.tmp"):
             temp.unlink(missing_ok=True)
 
-    def save_checkpoint(self, stage: str, state: Dict[str, Any]) -> None:
-        """Objects with a state_dict are saved by it; everything else as it is. Every rank waits for it."""
+    def save_checkpoint(self, stage: str, state: Dict[str, Any], background: bool = False) -> None:
+        """Objects with a state_dict are saved by it; everything else as it is.
+
+        Synchronous (the default): written and fsynced before every rank goes on. background: rank 0 takes a
+        host copy of the state now and a thread writes it while training goes on (the other ranks do not
+        wait at all); the previous background write is finished first, and its error, if any, is raised
+        here or by `wait_for_checkpoint`."""
         if comm.context().is_main:
+            self.wait_for_checkpoint()
             saved = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
-            atomic_torch_save(self.checkpoint_path(stage), saved)
-        comm.barrier()
+            if background:
+                self._start_writer(self.checkpoint_path(stage), host_copy(saved))
+            else:
+                atomic_torch_save(self.checkpoint_path(stage), saved)
+        if not background:
+            comm.barrier()
+
+    def _start_writer(self, path: Path, state: Dict[str, Any]) -> None:
+        def write():
+            try:
+                atomic_torch_save(path, state)
+            except BaseException as error:  # noqa: B902 - handed to the training thread
+                self._writer_error = error
+        self._writer = threading.Thread(target=write, name=f"checkpoint {path.name}", daemon=True)
+        self._writer.start()
+
+    def wait_for_checkpoint(self) -> None:
+        """Until the background checkpoint write (if any) is on disk; raises its error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        error, self._writer_error = self._writer_error, None
+        if error is not None:
+            raise error
+
+    @contextmanager
+    def checkpoints_landing(self, stage: str):
+        """The block's background checkpoint writes are on disk when it ends. A write that failed is raised,
+        unless another error is ending the block already: then it is only logged, so that it does not hide
+        the error that stopped the stage."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.wait_for_checkpoint()
+            except Exception as write_error:  # noqa: B902
+                logger.error(f"stage {stage}: the last checkpoint could not be written: {write_error}")
+            raise
+        self.wait_for_checkpoint()
 
     def save_stage(self, stage: str, model_state: dict, database_codes: torch.Tensor,
                    query_codes: torch.Tensor, result: dict) -> None:
@@ -361,6 +422,11 @@ class RunFolder:
 def _resume_invariants():
     from ..training.config import RESUME_INVARIANTS
     return RESUME_INVARIANTS
+
+
+def _default_of(name: str):
+    from ..training.config import default_of
+    return default_of(name)
 
 
 def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
