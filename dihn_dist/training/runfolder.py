@@ -79,9 +79,28 @@ PATH_SETTINGS = ("data", "old_run", "old_codes", "pretrained")
 def stored_settings(config) -> dict:
     settings = config.to_json()
     for key in PATH_SETTINGS:
-        if settings.get(key) not in (None, "", "none"):
+        if settings.get(key) not in (None, "", "none", "auto"):
             settings[key] = str(Path(settings[key]).resolve())
     return settings
+
+
+# The config.json entry recording what --pretrained resolved to (file, sha256, source): written by the
+# trainer, not a setting (a config file may carry it; it is then ignored).
+RECORDED_WEIGHTS = "weights"
+
+
+def check_same_weights(run: "RunFolder", weights) -> None:
+    """--resume must start from the weights the run started from (a reinstalled package or another file
+    under the same --pretrained would otherwise mix two backbones in one run)."""
+    saved = run.read_json("config.json") if run.has_run() else {}
+    if RECORDED_WEIGHTS not in saved:  # a new run, or one from before the weights were recorded
+        return
+    recorded = (saved[RECORDED_WEIGHTS] or {}).get("sha256")
+    current = weights.sha256 if weights else None
+    if recorded != current:
+        raise ValueError(f"--resume {run.root}: the run started from weights with sha256 {recorded or 'none'}, "
+                         f"--pretrained now gives {current or 'none'} ({weights.file if weights else 'no file'}); "
+                         f"restore those weights or choose another --out")
 
 
 # Manifest keys that identify the prepared data a run trains on.
@@ -159,7 +178,8 @@ class RunFolder:
                              f"stages to it), or choose another --out")
         saved = self.read_json("config.json")
         current = stored_settings(config)
-        changed = [k for k in _resume_invariants() if saved.get(k) != current.get(k)]
+        # A setting added after the run started is taken as its default, which is how that run ran.
+        changed = [k for k in _resume_invariants() if saved.get(k, _default_of(k)) != current.get(k)]
         if changed:
             detail = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
             raise ValueError(f"--resume {self.root}: the run was started with other settings ({detail}); resume "
@@ -173,19 +193,21 @@ class RunFolder:
     # ------------------------------------------------------------------------------------------------
     # Writing (main process only)
 
-    def create(self, config, data) -> None:
-        """The marker, the settings (stages asked of this run so far), the data's manifest and labels."""
+    def create(self, config, data, weights=None) -> None:
+        """The marker, the settings (stages asked of this run so far; under "weights" the ImageNet weights
+        file the backbone starts from and its sha256), the data's manifest and labels."""
         if comm.context().is_main:
-            self._create(config, data)
+            self._create(config, data, weights)
         comm.barrier()
 
-    def _create(self, config, data) -> None:
+    def _create(self, config, data, weights=None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.remove_stale_temp_files()
         stages = list(config.stage)
         if self.has_run():
             stages += self.read_json("config.json").get("stage", [])
-        settings = {**stored_settings(config), "stage": [s for s in STAGES if s in stages]}
+        settings = {**stored_settings(config), "stage": [s for s in STAGES if s in stages],
+                    RECORDED_WEIGHTS: weights.to_json() if weights else None}
         atomic_write_json(self.path("format.json"), RUN_FORMAT)
         atomic_write_json(self.path("config.json"), settings)
         atomic_write_json(self.path("manifest.json"), data.manifest)
@@ -207,6 +229,28 @@ class RunFolder:
             saved = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
             atomic_torch_save(self.checkpoint_path(stage), saved)
         comm.barrier()
+
+    def features_path(self, key: dict) -> Path:
+        """The feature cache of a frozen trunk: its name carries the weights' sha256 prefix, the input
+        side and the precision, its header the whole key (load_features compares it)."""
+        return self.path("features", f"{key['arch']}-{key['weights_sha256'][:16]}-{key['resolution']}px-"
+                                     f"{key['precision']}.pt")
+
+    def save_features(self, key: dict, tables: Dict[str, torch.Tensor]) -> None:
+        """Written atomically by rank 0; every rank waits for it."""
+        if comm.context().is_main:
+            atomic_torch_save(self.features_path(key), {"key": key, **{k: v.cpu() for k, v in tables.items()}})
+        comm.barrier()
+
+    def load_features(self, key: dict) -> Optional[Dict[str, torch.Tensor]]:
+        """The cached tables for exactly this key, else None (absent, or computed under another key)."""
+        path = self.features_path(key)
+        if not path.is_file():
+            return None
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") != key:
+            return None
+        return {k: v for k, v in cached.items() if k != "key"}
 
     def save_stage(self, stage: str, model_state: dict, database_codes: torch.Tensor,
                    query_codes: torch.Tensor, result: dict) -> None:
@@ -247,6 +291,11 @@ class RunFolder:
 def _resume_invariants():
     from ..training.config import RESUME_INVARIANTS
     return RESUME_INVARIANTS
+
+
+def _default_of(name: str):
+    from ..training.config import default_of
+    return default_of(name)
 
 
 def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
