@@ -119,3 +119,15 @@ def test_a_failing_rank_stops_every_rank(tiny_prepared, tmp_path):
     assert "injected failure" in result.stdout + result.stderr
     assert elapsed < 120
     assert not (out / "original" / "result.json").exists()
+
+
+def test_a_batch_norm_network_trains_under_two_cpu_processes(tiny_prepared, tmp_path):
+    """EfficientNet-Lite (batch norm) under torchrun on CPU: SyncBatchNorm refuses CPU tensors, so there each
+    process keeps plain batch norm (and says that the run is not the one-process run's) instead of failing
+    in the first forward."""
+    out = tmp_path / "lite"
+    result = torchrun(2, tiny_prepared, out, "--arch", "efficientnet-lite0", "--resolution", "32", "--batch-size",
+                      "32", "--max-iter", "1", "--stage", "original")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "each process normalises with its own share" in (out / "train.log").read_text()
+    assert np.load(out / "original" / "database_codes.npy").shape == (420, 8)
