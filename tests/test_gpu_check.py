@@ -14,5 +14,7 @@ def test_gpu_check_runs_on_cpu_at_toy_sizes(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = result.stdout.split("\n\n")[-1]
     for check in ("train small-cnn 32 px, fp32", "train small-cnn 32 px, bf16 + channels-last",
-                  "DCC n=2,000", "mAP@5000", "torchrun 1 vs 2 cpu processes: equal codes"):
+                  "DCC n=2,000", "mAP@5000", "torchrun 1 vs 2 cpu processes: equal codes",
+                  "train efficientnet-lite0 32 px pretrained, fine-tuned",
+                  "train efficientnet-lite0 32 px pretrained, frozen trunk"):
         assert any(line.startswith(check) and "  ok  " in line for line in table.splitlines()), (check, table)

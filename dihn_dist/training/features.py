@@ -10,7 +10,7 @@ reused. Only the hash layer then trains, on rows of the table on the device.
 from __future__ import annotations
 
 import time
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -59,20 +59,22 @@ def trunk_features(network: LiteHashNet, data: PreparedData, part: str, *, resol
 
 
 def frozen_features(network: LiteHashNet, key: dict, data: PreparedData, run: RunFolder, *, batch_size: int,
-                    num_workers: int, precision: MixedPrecision, channels_last: bool) -> Dict[str, torch.Tensor]:
-    """{"database", "query"}: the tables on this rank's device, from the run folder's cache when it holds
-    them under this key, else computed (sharded) and cached."""
+                    num_workers: int, precision: MixedPrecision,
+                    channels_last: bool) -> Tuple[Dict[str, torch.Tensor], float]:
+    """({"database", "query"}: the tables on this rank's device, seconds spent computing them): from the run
+    folder's cache when it holds them under this key (0 s), else computed (sharded) and cached."""
     ctx = comm.context()
     path = run.features_path(key)
     cached = run.load_features(key)
     if not comm.any_rank(cached is None):  # every rank reads the shared cache, or every rank recomputes
         logger.info(f"frozen trunk: reused the cached features {path}")
-        return {part: table.to(ctx.device) for part, table in cached.items()}
+        return {part: table.to(ctx.device) for part, table in cached.items()}, 0.0
     started = time.perf_counter()
     tables = {part: trunk_features(network, data, part, resolution=key["resolution"], batch_size=batch_size,
                                    num_workers=num_workers, precision=precision, channels_last=channels_last)
               for part in ("database", "query")}
+    elapsed = time.perf_counter() - started
     run.save_features(key, tables)
     logger.info(f"frozen trunk: computed the features of {data.num_database} database and {data.num_query} query "
-                f"images in {time.perf_counter() - started:.1f} s, cached in {path}")
-    return tables
+                f"images in {elapsed:.1f} s, cached in {path}")
+    return tables, elapsed

@@ -159,10 +159,10 @@ class StageTraining:
             network = network.to(memory_format=torch.channels_last)
         self.network = network
         self.precision = MixedPrecision(config.precision, ctx.device)
-        self.features = None
+        self.features, self.features_s = None, 0.0
         if config.freeze_backbone:
             network.trunk.requires_grad_(False)
-            self.features = frozen_features(
+            self.features, self.features_s = frozen_features(
                 network, features_key(config.arch, weights, self.resolution, self.precision, data), data, run,
                 batch_size=max(config.batch_size, 256), num_workers=config.loader_threads, precision=self.precision,
                 channels_last=self.channels_last)
@@ -219,7 +219,7 @@ class StageTraining:
                 "final_eval": times,
                 "frozen_rows": stage.num_frozen, "frozen_checksum_before": frozen_before,
                 "frozen_checksum_after": frozen_after, "codes_checksum": codes_checksum(self.codes),
-                "resolution": self.resolution}, query_codes
+                "resolution": self.resolution, "trunk_features_s": self.features_s}, query_codes
 
     def similarity_offset(self, sample: torch.Tensor) -> float:
         """r of the soft similarity S*(1+r)-r over this sample and the stage's database."""

@@ -4,7 +4,9 @@
 
 1. the CUDA tests: DCC, the factorized hash term and mAP on cuda equal their CPU results;
 2. the trainer on the GPU at 224 px with AlexNet (synthetic images): images/s for fp32, bf16, bf16 +
-   channels-last (and + torch.compile), and its peak GPU memory;
+   channels-last (and + torch.compile), and its peak GPU memory; then EfficientNet-Lite0 from its
+   installed ImageNet weights at 224 px, fine-tuned and with the trunk frozen (the frozen row gives the
+   one-off feature pass and the head-only steps apart);
 3. DCC and mAP@5000 at NUS-WIDE size (n = 193,734, m = 2,000, c = 48, 21 tags, 2,100 queries) on the GPU,
    timed and compared with the CPU;
 4. host syncs in one outer iteration (torch's CUDA sync debug mode): none may come from the training step
@@ -117,7 +119,8 @@ def train_run(work: Path, data: Path, name: str, device: str, extra: list, nproc
         return {"error": (result.stderr.strip().splitlines() or ["?"])[-1]}
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["stages"]["original"]["iterations"]
-    return {"history": history, "codes": np.load(out / "original" / "database_codes.npy"), "out": out}
+    return {"history": history, "codes": np.load(out / "original" / "database_codes.npy"), "out": out,
+            "result": metrics["stages"]["original"]}
 
 
 def throughput(table: Table, work: Path, data: Path, device: str, quick: bool, compile_too: bool) -> None:
@@ -138,6 +141,31 @@ def throughput(table: Table, work: Path, data: Path, device: str, quick: bool, c
         finite = all(np.isfinite(it["loss_total"]) for it in run["history"])
         memory = f", peak {steady['peak_gpu_memory_gb']:.2f} GiB" if "peak_gpu_memory_gb" in steady else ""
         table.add(f"train {arch[1]} {arch[3]} px, {name}", f"{steady['images_per_s']:,.0f} images/s{memory}", finite)
+
+
+def pretrained_throughput(table: Table, work: Path, data: Path, device: str, quick: bool) -> None:
+    """EfficientNet-Lite0 from its installed ImageNet weights (--pretrained auto): fine-tuned, and frozen."""
+    side = "32" if quick else "224"
+    common = ["--arch", "efficientnet-lite0", "--pretrained", "auto", "--resolution", side, "--max-iter", "3",
+              "--num-samples", "128" if quick else "1536", "--batch-size", "64"]
+    for name, flags in (("fine-tuned", []), ("frozen trunk", ["--freeze-backbone"])):
+        run = train_run(work, data, f"lite0-{name.replace(' ', '-')}", device, common + flags)
+        label = f"train efficientnet-lite0 {side} px pretrained, {name}"
+        if "error" in run:
+            table.add(label, run["error"], False)
+            continue
+        steady = run["history"][-1]
+        finite = all(np.isfinite(it["loss_total"]) for it in run["history"])
+        memory = f", peak {steady['peak_gpu_memory_gb']:.2f} GiB" if "peak_gpu_memory_gb" in steady else ""
+        value = f"{steady['images_per_s']:,.0f} images/s{memory}"
+        if flags:
+            config = json.loads((run["out"] / "config.json").read_text())
+            manifest = json.loads((run["out"] / "manifest.json").read_text())
+            images, seconds = manifest["num_database"] + manifest["num_query"], run["result"]["trunk_features_s"]
+            value = (f"head steps {value}; trunk features once: {images:,} images in {seconds:.1f} s "
+                     f"({images / max(seconds, 1e-9):,.0f} images/s), weights sha256 {config['weights']['sha256'][:12]}")
+            finite = finite and seconds > 0
+        table.add(label, value, finite)
 
 
 def nus_wide_sized_core(table: Table, device: str, quick: bool) -> None:
@@ -292,6 +320,7 @@ def main() -> int:
         data = prepare_data(work, args.quick)
         cuda_tests(table, args.device)
         throughput(table, work, data, args.device, args.quick, compile_too=not (args.skip_compile or args.quick))
+        pretrained_throughput(table, work, data, args.device, args.quick)
         nus_wide_sized_core(table, args.device, args.quick)
         host_syncs(table, data, args.device, args.quick)
         multi_gpu(table, work, data, args.device, args.quick)
