@@ -50,7 +50,9 @@ def test_help_states_the_real_defaults_and_the_reference_flag_names():
     assert actions["stage"].help.endswith("(default: original,incremental)")
     assert actions["topk"].help.endswith("(default: all)")
     assert actions["soft_similarity"].option_strings == ["--hard-similarity"]
-    assert actions["arch"].choices == ("alexnet", "resnet50", "small-cnn")
+    assert actions["arch"].choices == ("alexnet", "resnet50", "small-cnn", "efficientnet-lite0",
+                                       "efficientnet-lite1", "efficientnet-lite2")
+    assert actions["pretrained"].help.endswith("(default: auto)")
 
 
 def test_defaults_come_from_the_declarations():
@@ -68,7 +70,8 @@ def test_resume_invariants_are_derived_from_the_declarations():
     assert set(RESUME_INVARIANTS) == {
         "batch_size", "lr", "weight_decay", "code_length", "max_iter", "max_epoch", "num_samples", "gamma", "mu",
         "lr_decay_original", "lr_decay_incremental", "soft_similarity", "seed", "arch", "pretrained", "resolution",
-        "augment", "old_run", "old_stage", "old_codes", "precision", "grad_compression"}
+        "augment", "old_run", "old_stage", "old_codes", "precision", "grad_compression", "backbone_lr_scale",
+        "freeze_backbone"}
 
 
 def test_config_is_not_changed_after_parsing():

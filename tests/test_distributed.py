@@ -177,3 +177,15 @@ def test_files_rank0_just_wrote_are_read_on_rank0_and_broadcast(finished_run, ti
     assert {row["stage"] for row in rank1["rows"]} == {"original", "incremental", "retrain"}
     assert np.array_equal(np.array(rank1["codes"]), np.load(run / "original" / "database_codes.npy"))
     assert rank1["error"] == "FileNotFoundError"
+
+
+def test_a_batch_norm_network_trains_under_two_cpu_processes(tiny_prepared, tmp_path):
+    """EfficientNet-Lite (batch norm) under torchrun on CPU: SyncBatchNorm refuses CPU tensors, so there each
+    process keeps plain batch norm (and says that the run is not the one-process run's) instead of failing
+    in the first forward."""
+    out = tmp_path / "lite"
+    result = torchrun(2, tiny_prepared, out, "--arch", "efficientnet-lite0", "--resolution", "32", "--batch-size",
+                      "32", "--max-iter", "1", "--stage", "original")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "each process normalises with its own share" in (out / "train.log").read_text()
+    assert np.load(out / "original" / "database_codes.npy").shape == (420, 8)

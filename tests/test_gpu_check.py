@@ -16,8 +16,9 @@ def test_gpu_check_runs_on_cpu_at_toy_sizes(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = result.stdout.split("\n\n")[-1]
     for check in ("train small-cnn 32 px, fp32", "train small-cnn 32 px, bf16 + channels-last",
-                  "bf16 vs fp32 mAP (small-cnn)",
-                  "torchrun 1 vs 2 cpu processes: equal codes"):
+                  "bf16 vs fp32 mAP (small-cnn)", "torchrun 1 vs 2 cpu processes: equal codes",
+                  "train efficientnet-lite0 32 px pretrained, fine-tuned",
+                  "train efficientnet-lite0 32 px pretrained, frozen trunk"):
         assert any(line.startswith(check) and "  ok  " in line for line in table.splitlines()), (check, table)
     # device-vs-CPU rows compare the CPU with itself here: they ran, but must not claim "ok"
     for check in ("CUDA tests", "DCC n=2,000", "mAP@5000"):
@@ -45,6 +46,7 @@ def test_every_trainer_command_of_the_full_size_check_passes_check_only(tmp_path
     table = result.stdout.split("\n\n")[-1]
     plans = [line for line in table.splitlines() if line.startswith("plan: ")]
     for check in ("train alexnet 224 px, fp32", "train alexnet 224 px, bf16 + channels-last + compile",
+                  "train efficientnet-lite0 224 px pretrained, frozen trunk",
                   "small-cnn bf16", "small-cnn fp32 x2 (2 processes)", "host syncs, 8 steps"):
         assert any(line.startswith(f"plan: {check}") and "  ok  " in line for line in plans), (check, table)
     assert not (tmp_path / "work" / "runs").exists(), "--check-only wrote a run folder"

@@ -237,6 +237,44 @@ class TrainLoader:
         return regroup(batches, self.step_sizes)
 
 
+class FeatureRows:
+    """TrainLoader's stand-in when the trunk is frozen (--freeze-backbone): the same set_order / iteration
+    contract, serving rows of a feature table that is already on the device, indexed by database position,
+    instead of decoding images. Yields (features, None, positions) per step."""
+
+    def __init__(self, table: Tensor, *, length: int):
+        if not 1 <= length <= table.shape[0]:
+            raise ValueError(f"length: expected 1..{table.shape[0]} (rows of the feature table) positions per "
+                             f"epoch, got {length}")
+        self.table, self.length = table, length
+        self.positions: Optional[Tensor] = None
+        self.step_sizes: Optional[List[int]] = None
+
+    def set_order(self, positions: np.ndarray, step_sizes: Sequence[int]) -> None:
+        positions = np.asarray(positions)
+        if positions.shape != (self.length,) or sum(step_sizes) != self.length or min(step_sizes, default=0) < 1:
+            raise ValueError(f"set_order: expected {self.length} positions in positive steps summing to "
+                             f"{self.length}, got shape {positions.shape} in steps summing to {sum(step_sizes)}")
+        if positions.min() < 0 or positions.max() >= self.table.shape[0]:
+            raise ValueError(f"set_order: positions must lie in 0..{self.table.shape[0] - 1}")
+        self.positions = torch.from_numpy(positions.astype(np.int64)).to(self.table.device)
+        self.step_sizes = list(step_sizes)
+
+    def __len__(self) -> int:
+        if self.step_sizes is None:
+            raise RuntimeError("FeatureRows: call set_order() before iterating")
+        return len(self.step_sizes)
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, None, Tensor]]:
+        if self.step_sizes is None:
+            raise RuntimeError("FeatureRows: call set_order() before iterating")
+        start = 0
+        for size in self.step_sizes:
+            rows = self.positions[start:start + size]
+            start += size
+            yield self.table[rows], None, rows
+
+
 def regroup(batches: Iterable[Tuple[Tensor, ...]], step_sizes: Sequence[int]) -> Iterator[Tuple[Tensor, ...]]:
     """Re-cut a stream of batches (of fresh tensors) into batches of exactly `step_sizes` items, in order."""
     source = iter(batches)

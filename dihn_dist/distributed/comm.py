@@ -96,8 +96,14 @@ GRAD_COMPRESSIONS = ("none", "bf16")
 
 
 def wrap(model: torch.nn.Module, grad_compression: str = "none") -> torch.nn.Module:
-    """DDP around the model when there are several processes (batch norm synchronised across them, so the
-    statistics are those of the global batch); the model itself otherwise.
+    """DDP around the model when there are several processes; the model itself otherwise.
+
+    Batch norm on GPUs becomes SyncBatchNorm: each layer's statistics are those of the global batch, so
+    N processes compute what one process computes with the whole batch (up to the order of float sums).
+    PyTorch's SyncBatchNorm refuses CPU tensors, so on CPU (gloo) each process normalises with the
+    statistics of its own share of the batch, and the running averages are rank 0's (DDP copies rank 0's
+    buffers to every rank before each forward): there, N processes do NOT follow the trajectory of one
+    (docs/training.md measures how far apart).
 
     grad_compression bf16: DDP's bf16_compress_hook sends each gradient bucket as bfloat16 (divided by the
     world size before the sum), half the bytes of float32, and casts the sum back; every rank applies the
@@ -108,7 +114,11 @@ def wrap(model: torch.nn.Module, grad_compression: str = "none") -> torch.nn.Mod
     if not _context.distributed:
         return model
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if _context.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif _context.is_main:
+            logger.warning("batch norm on CPU processes: each process normalises with its own share of the global "
+                           "batch (SyncBatchNorm needs GPUs), so this run is not the one-process run's")
     device_ids = [_context.device.index] if _context.device.type == "cuda" else None
     wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if grad_compression == "bf16":

@@ -259,7 +259,7 @@ def evaluate_run(run_dir, topk: Optional[int] = None, precision_k: Optional[int]
     reports = [evaluate_stage(run, stage, topk, precision_k) for stage in stages.values()]
     plots = write_plots(reports, out, run.code_length)
     summary = {"run": str(run.root), "data": data_summary(run), "backbone": backbone_description(run.config),
-               "topk": topk, "precision_k": precision_k,
+               "weights": run.config.get("weights"), "topk": topk, "precision_k": precision_k,
                "rows": [{"name": STAGE_TITLES[r.stage], "stage": r.stage, **r.row} for r in reports],
                "stages": {r.stage: r.to_json() for r in reports}, "plots": plots,
                "agreement": agreement_note(reports),

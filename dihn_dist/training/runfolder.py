@@ -101,9 +101,28 @@ PATH_SETTINGS = ("data", "root", "out", "old_run", "old_codes", "pretrained")
 def stored_settings(config) -> dict:
     settings = config.to_json()
     for key in PATH_SETTINGS:
-        if settings.get(key) not in (None, "", "none"):
+        if settings.get(key) not in (None, "", "none", "auto"):
             settings[key] = str(Path(settings[key]).resolve())
     return settings
+
+
+# The config.json entry recording what --pretrained resolved to (file, sha256, source): written by the
+# trainer, not a setting (a config file may carry it; it is then ignored).
+RECORDED_WEIGHTS = "weights"
+
+
+def check_same_weights(run: "RunFolder", weights) -> None:
+    """--resume must start from the weights the run started from (a reinstalled package or another file
+    under the same --pretrained would otherwise mix two backbones in one run)."""
+    saved = run.read_json("config.json") if run.has_run() else {}
+    if RECORDED_WEIGHTS not in saved:  # a new run, or one from before the weights were recorded
+        return
+    recorded = (saved[RECORDED_WEIGHTS] or {}).get("sha256")
+    current = weights.sha256 if weights else None
+    if recorded != current:
+        raise ValueError(f"--resume {run.root}: the run started from weights with sha256 {recorded or 'none'}, "
+                         f"--pretrained now gives {current or 'none'} ({weights.file if weights else 'no file'}); "
+                         f"restore those weights or choose another --out")
 
 
 # Manifest keys that identify the prepared data a run trains on.
@@ -258,12 +277,13 @@ class RunFolder:
     # ------------------------------------------------------------------------------------------------
     # Writing (main process only)
 
-    def create(self, config, data) -> None:
-        """The marker, the settings (stages asked of this run so far), the data's manifest and labels.
+    def create(self, config, data, weights=None) -> None:
+        """The marker, the settings (stages asked of this run so far; under "weights" the ImageNet weights
+        file the backbone starts from and its sha256), the data's manifest and labels.
         Rank 0 writes; every rank gets its success or its error."""
-        comm.rank0_decides(lambda: self._create(config, data))
+        comm.rank0_decides(lambda: self._create(config, data, weights))
 
-    def _create(self, config, data) -> None:
+    def _create(self, config, data, weights=None) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -276,7 +296,8 @@ class RunFolder:
         stages = list(config.stage)
         if self.has_run():
             stages += self.read_json("config.json").get("stage", [])
-        settings = {**stored_settings(config), "stage": [s for s in STAGES if s in stages]}
+        settings = {**stored_settings(config), "stage": [s for s in STAGES if s in stages],
+                    RECORDED_WEIGHTS: weights.to_json() if weights else None}
         try:
             atomic_write_json(self.path("format.json"), RUN_FORMAT)
             atomic_write_json(self.path("manifest.json"), data.manifest)
@@ -347,6 +368,28 @@ class RunFolder:
                 logger.error(f"stage {stage}: the last checkpoint could not be written: {write_error}")
             raise
         self.wait_for_checkpoint()
+
+    def features_path(self, key: dict) -> Path:
+        """The feature cache of a frozen trunk: its name carries the weights' sha256 prefix, the input
+        side and the precision, its header the whole key (load_features compares it)."""
+        return self.path("features", f"{key['arch']}-{key['weights_sha256'][:16]}-{key['resolution']}px-"
+                                     f"{key['precision']}.pt")
+
+    def save_features(self, key: dict, tables: Dict[str, torch.Tensor]) -> None:
+        """Written atomically by rank 0; every rank waits for it."""
+        if comm.context().is_main:
+            atomic_torch_save(self.features_path(key), {"key": key, **{k: v.cpu() for k, v in tables.items()}})
+        comm.barrier()
+
+    def load_features(self, key: dict) -> Optional[Dict[str, torch.Tensor]]:
+        """The cached tables for exactly this key, else None (absent, or computed under another key)."""
+        path = self.features_path(key)
+        if not path.is_file():
+            return None
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") != key:
+            return None
+        return {k: v for k, v in cached.items() if k != "key"}
 
     def save_stage(self, stage: str, model_state: dict, database_codes: torch.Tensor,
                    query_codes: torch.Tensor, result: dict) -> None:

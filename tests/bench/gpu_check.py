@@ -4,7 +4,9 @@
 
 1. the CUDA tests: DCC, the factorized hash term and mAP on cuda equal their CPU results;
 2. the trainer on the GPU at 224 px with AlexNet (synthetic images): images/s for fp32, bf16, bf16 +
-   channels-last (and + torch.compile), and its peak GPU memory;
+   channels-last (and + torch.compile), and its peak GPU memory; then EfficientNet-Lite0 from its
+   installed ImageNet weights at 224 px, fine-tuned and with the trunk frozen (the frozen row gives the
+   one-off feature pass and the head-only steps apart);
 3. DCC and mAP@5000 at NUS-WIDE size (n = 193,734, m = 2,000, c = 48, 21 tags, 2,100 queries) on the GPU,
    timed and compared with the CPU;
 4. bf16 against fp32 (the small CNN, --deterministic): mAP within BF16_MAP_TOLERANCE (0.03);
@@ -154,6 +156,11 @@ def trainer_commands(quick: bool, gpus: int, compile_too: bool) -> list:
                  TrainerCommand("small-cnn bf16", (*small, "--precision", "bf16"))]
     if gpus >= 2:
         commands.append(TrainerCommand(f"small-cnn fp32 x{gpus}", (*small, "--precision", "fp32"), nproc=gpus))
+    side = "32" if quick else "224"
+    lite = (*base, "--arch", "efficientnet-lite0", "--pretrained", "auto", "--resolution", side, "--max-iter", "3",
+            "--num-samples", "128" if quick else "1280", "--batch-size", "64")
+    commands += [TrainerCommand(f"train efficientnet-lite0 {side} px pretrained, {name}", (*lite, *flags))
+                 for name, flags in (("fine-tuned", ()), ("frozen trunk", ("--freeze-backbone",)))]
     syncs = (*base, "--arch", "small-cnn", "--resolution", "32", "--batch-size", "64")
     commands += [TrainerCommand(f"host syncs, {steps} steps", (*syncs, "--num-samples", str(64 * steps)))
                  for steps in (4, 8)]
@@ -186,7 +193,8 @@ def train_run(work: Path, data: Path, command: TrainerCommand, device: str) -> d
     out = work / "runs" / command.folder
     metrics = json.loads((out / "metrics.json").read_text())
     return {"history": metrics["stages"]["original"]["iterations"], "map": metrics["rows"][0]["map_all"],
-            "codes": np.load(out / "original" / "database_codes.npy"), "out": out}
+            "codes": np.load(out / "original" / "database_codes.npy"), "out": out,
+            "result": metrics["stages"]["original"]}
 
 
 def check_only(work: Path, data: Path, command: TrainerCommand, device: str) -> tuple:
@@ -229,7 +237,7 @@ def cuda_tests(table: Table, device: str) -> None:
 
 
 def throughput(table: Table, work: Path, data: Path, device: str, commands: list) -> None:
-    for command in (c for c in commands if c.name.startswith("train ")):
+    for command in (c for c in commands if c.name.startswith("train ") and "pretrained" not in c.name):
         run = train_run(work, data, command, device)
         if "error" in run:
             table.add(command.name, run["error"], False)
@@ -253,6 +261,28 @@ def bf16_against_fp32(table: Table, work: Path, data: Path, device: str, command
     table.add("bf16 vs fp32 mAP (small-cnn)", f"{bf16['map']:.4f} vs {fp32['map']:.4f} (|gap| {gap:.4f} <= "
               f"{tolerance}), {bits:.2%} of bits equal", gap <= tolerance)
     return fp32
+
+
+def pretrained_throughput(table: Table, work: Path, data: Path, device: str, commands: list) -> None:
+    """EfficientNet-Lite0 from its installed ImageNet weights (--pretrained auto): fine-tuned, and frozen."""
+    for command in (c for c in commands if "pretrained" in c.name):
+        run = train_run(work, data, command, device)
+        label = command.name
+        if "error" in run:
+            table.add(label, run["error"], False)
+            continue
+        steady = run["history"][-1]
+        finite = all(np.isfinite(it["loss_total"]) for it in run["history"])
+        memory = f", peak {steady['peak_gpu_memory_gb']:.2f} GiB" if "peak_gpu_memory_gb" in steady else ""
+        value = f"{steady['images_per_s']:,.0f} images/s{memory}"
+        if "--freeze-backbone" in command.flags:
+            config = json.loads((run["out"] / "config.json").read_text())
+            manifest = json.loads((run["out"] / "manifest.json").read_text())
+            images, seconds = manifest["num_database"] + manifest["num_query"], run["result"]["trunk_features_s"]
+            value = (f"head steps {value}; trunk features once: {images:,} images in {seconds:.1f} s "
+                     f"({images / max(seconds, 1e-9):,.0f} images/s), weights sha256 {config['weights']['sha256'][:12]}")
+            finite = finite and seconds > 0
+        table.add(label, value, finite)
 
 
 def nus_wide_sized_core(table: Table, device: str, quick: bool) -> None:
@@ -423,6 +453,7 @@ def main() -> int:
         else:
             cuda_tests(table, args.device)
             throughput(table, work, data, args.device, commands)
+            pretrained_throughput(table, work, data, args.device, commands)
             nus_wide_sized_core(table, args.device, args.quick)
             one = bf16_against_fp32(table, work, data, args.device, commands, args.quick)
             host_syncs(table, data, args.device, commands)
