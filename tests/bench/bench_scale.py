@@ -151,7 +151,8 @@ def check_simulate_args(args) -> None:
         bad_argument(f"--simulate: expected a positive number of database rows, got {args.simulate}")
     paths = args.simulate_paths.split(",")
     if not paths or any(path not in ("sharded", "rank0") for path in paths) or len(set(paths)) != len(paths):
-        bad_argument(f"--simulate-paths: expected sharded, rank0 or both (comma-separated), got {args.simulate_paths!r}")
+        bad_argument(f"--simulate-paths: expected sharded, rank0 or both (comma-separated), "
+                     f"got {args.simulate_paths!r}")
     if not 1 <= args.simulate_queries <= 2100:
         bad_argument(f"--simulate-queries: expected 1 to 2100 queries, got {args.simulate_queries}")
     if args.simulate_block_rows < 1:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import sys
 import time
@@ -77,10 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name in ("rows", "queries", "block_rows"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+            bad_argument(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if args.queries > NUM_QUERIES:
-        parser.error(f"--queries: expected at most {NUM_QUERIES}, got {args.queries}")
+        bad_argument(f"--queries: expected at most {NUM_QUERIES}, got {args.queries}")
     return args
+
+
+def bad_argument(message: str) -> None:
+    print(f"scale_sim.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # ----------------------------------------------------------------------------------------------------------
