@@ -232,6 +232,34 @@ def broadcast_codes(codes: Optional[torch.Tensor], rows: int, code_length: int) 
     return unpack_codes(packed, code_length).to(_context.device), packed.numel()
 
 
+def save_rank_tensors(tensors: dict, folder) -> None:
+    """Every rank's own tensors (keys distinct across ranks, e.g. named by their row range) saved with
+    torch.distributed.checkpoint, one file per rank, into `folder`. Written into a temp folder beside it
+    that rank 0 renames once every rank's file and the metadata are complete, so a folder with this name is
+    never half written. Name the folder by what it holds (the iteration): an existing `folder` is replaced,
+    and a crash between removing it and the rename would leave neither. Every rank returns after the rename."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    temp = folder.with_name(folder.name + ".tmp")
+    if _context.is_main and temp.exists():
+        shutil.rmtree(temp)  # left by a crash: never read
+    barrier()
+    local = {key: value.detach().cpu() for key, value in tensors.items()}
+    if _context.distributed:
+        dcp.save(local, storage_writer=dcp.FileSystemWriter(temp))
+    else:
+        dcp.save(local, storage_writer=dcp.FileSystemWriter(temp), no_dist=True)
+    if _context.is_main:
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(temp, folder)
+    barrier()
+
+
 def rank0_computes(compute: Callable[[], Any], receive: Callable[[Any], Any]) -> Any:
     """`compute()` on rank 0 alone, its result handed to every rank by `receive`, which gets None on the other
     ranks (for tensors with a broadcast of their own, e.g. broadcast_codes; objects and verdicts: rank0_decides)."""

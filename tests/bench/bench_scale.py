@@ -26,6 +26,16 @@ a rerun that skips a phase still prints that phase's figures:
               with the synthetic dataset's tag distribution; plus hash_term_stats, r and label_patterns.
               Each n runs in a fresh process, so its peak memory growth is its own.
 
+--simulate ROWS runs none of these but a simulated scale run at ROWS database rows (tensors only: random
+codes, synthetic NUS-WIDE-like labels, 2,100 queries, m = 2,000): one outer iteration's non-network work and
+one evaluation under torchrun, for the database sharded by rows and for the rank-0 path the loop takes today,
+the two compared (codes bit for bit, metrics to 1e-9), per phase the seconds, the longest wait and each
+rank's peak RSS (tests/bench/scale_sim.py). Results in WORK/simulate-ROWS/.
+
+    bash launch/bench_scale.sh --work /scratch/dihn-scale --simulate 2000000
+    bash launch/bench_scale.sh --work /scratch/dihn-scale --simulate 100000000 --simulate-paths sharded \
+        --simulate-queries 21
+
 The trainer records eval_s (query encoding + rank 0's metrics) but not its parts: phase 4 times both parts
 on the run's exported model and codes instead (rank 0's shard of the queries; the whole evaluation row).
 """
@@ -109,7 +119,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-limit-gib", type=float, default=8.0,
                         help="skip the dense hash term where its estimated peak exceeds this (or half the free memory)")
+    parser.add_argument("--simulate", type=int, metavar="ROWS",
+                        help="only the simulated scale run at ROWS database rows (tests/bench/scale_sim.py)")
+    parser.add_argument("--simulate-paths", default="sharded,rank0",
+                        help="paths of --simulate, comma-separated: sharded, rank0 (default both)")
+    parser.add_argument("--simulate-queries", type=int, default=2100,
+                        help="queries --simulate evaluates, evenly spaced (its evaluation is scaled to 2,100)")
+    parser.add_argument("--simulate-block-rows", type=int, default=1 << 20,
+                        help="rows the sharded path works on at a time")
     args = parser.parse_args(argv)
+    check_simulate_args(args)
     if args.only_hash_term:
         args.skip_generate = args.skip_prepare = args.skip_train = args.skip_solo = True
     defaults = SMALL if args.small else FULL
@@ -118,6 +137,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     check_outside_repository(args.work)
     return args
+
+
+def bad_argument(message: str) -> None:
+    print(f"bench_scale.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_simulate_args(args) -> None:
+    if args.simulate is None:
+        return
+    if args.simulate < 1:
+        bad_argument(f"--simulate: expected a positive number of database rows, got {args.simulate}")
+    paths = args.simulate_paths.split(",")
+    if not paths or any(path not in ("sharded", "rank0") for path in paths) or len(set(paths)) != len(paths):
+        bad_argument(f"--simulate-paths: expected sharded, rank0 or both (comma-separated), "
+                     f"got {args.simulate_paths!r}")
+    if not 1 <= args.simulate_queries <= 2100:
+        bad_argument(f"--simulate-queries: expected 1 to 2100 queries, got {args.simulate_queries}")
+    if args.simulate_block_rows < 1:
+        bad_argument(f"--simulate-block-rows: expected a positive number of rows, got {args.simulate_block_rows}")
 
 
 def check_outside_repository(work: Path) -> None:
@@ -908,12 +947,67 @@ def wall_rows(state: State) -> List[tuple]:
              "as last run (a phase found complete keeps its earlier time)")]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --simulate: one outer iteration's non-network work and one evaluation at ROWS rows, two paths compared
+
+
+def run_simulate(args) -> int:
+    import torch
+
+    import scale_sim
+    folder = args.work.resolve() / f"simulate-{args.simulate}"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = State(folder / "summary.json")
+    results, summaries = {}, {}
+    for path in args.simulate_paths.split(","):
+        out = folder / f"{path}.pt"
+        out.unlink(missing_ok=True)   # a failed run must not leave the previous run's result to be read
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+                   "--master_port", str(free_port()), str(Path(__file__).resolve().parent / "scale_sim.py"),
+                   "--path", path, "--rows", str(args.simulate), "--work", str(folder), "--out", str(out),
+                   "--queries", str(args.simulate_queries), "--block-rows", str(args.simulate_block_rows),
+                   "--seed", str(args.seed)]
+        log(f"simulate {path}: " + " ".join(command))
+        started = time.perf_counter()
+        with open(folder / f"{path}.log", "w") as output:
+            finished = subprocess.run(command, env=child_env(), stdout=output, stderr=subprocess.STDOUT)
+        if finished.returncode != 0:
+            raise RuntimeError(f"simulate {path}: torchrun exited with {finished.returncode}; see {folder / path}.log")
+        results[path] = torch.load(out, weights_only=False)
+        summaries[path] = {**scale_sim.summarize(results[path]), "command": command,
+                           "wall_s": time.perf_counter() - started}
+        state.record(path, summaries[path])
+        log(f"simulate {path}: {summaries[path]['wall_s']:.0f} s")
+    rows = [row for summary in summaries.values() for row in scale_sim.table_rows(summary)]
+    found = None
+    if len(results) == 2:
+        found = scale_sim.compare(results["sharded"], results["rank0"])
+        state.record("agreement", found)
+        rows.append(scale_sim.agreement_row(found))
+    print(f"\nSimulated scale run: {args.simulate:,} database rows, {args.nproc} ranks (gloo on "
+          f"{os.cpu_count()} CPUs, torch threads per rank {next(iter(summaries.values()))['threads']}); "
+          f"evaluation over {args.simulate_queries:,} of 2,100 queries"
+          + (" (scaled to 2,100)" if args.simulate_queries < 2100 else "") + ".")
+    for path, summary in summaries.items():
+        start, end = summary["loadavg_start"], summary["loadavg_end"]
+        print(f"{path}: load average {start[0]:.1f} / {start[1]:.1f} / {start[2]:.1f} at the start, {end[0]:.1f} / "
+              f"{end[1]:.1f} / {end[2]:.1f} at the end (1 / 5 / 15 min): the machine is shared with other "
+              f"processes, so the seconds are upper bounds.")
+    print()
+    print(table(scale_sim.TABLE_HEADER, rows))
+    print(f"\nResults: {folder}")
+    return 0 if found is None or found["agree"] else 1
+
+
 PHASES = {"generate": run_generate, "prepare": run_prepare, "train": run_train, "solo": run_solo,
           "hash-term": run_hash_term}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.simulate is not None:
+        args.work.resolve().mkdir(parents=True, exist_ok=True)
+        return run_simulate(args)
     paths = Paths(args.work.resolve(), size_name(args))
     paths.work.mkdir(parents=True, exist_ok=True)
     state = State(paths.state)
