@@ -38,7 +38,7 @@ from ..models.networks import (
     untrained_backbone_warning,
     use_channels_last,
 )
-from .config import Config
+from .config import Config, resolve_for_data
 from .reporting import (
     IterationClock,
     Reporter,
@@ -56,7 +56,7 @@ from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_gene
 
 def train(config: Config) -> int:
     """Check every input, then run the configured stages in order and report every finished one."""
-    data, run = check_inputs(config)  # nothing is written before this returns
+    config, data, run = check_inputs(config)  # nothing is written before this returns
     run.create(config, data)
     torch.autograd.set_detect_anomaly(config.debug)
     with logging_to(run, config.debug), Reporter(run) as reporter:
@@ -71,10 +71,12 @@ def train(config: Config) -> int:
 
 def check_inputs(config: Config):
     """Everything that can be wrong with the command, checked before the run folder is touched, so that a
-    failed start leaves nothing behind that would block the corrected command."""
+    failed start leaves nothing behind that would block the corrected command. Returns the configuration
+    with what depends on the data resolved (--augment auto), and the data and run folder."""
     ctx = comm.context()
     data = load_data(config)
     run = RunFolder(config.out)
+    config = resolve_for_data(config, data.dataset, run.recorded_config() if config.resume else None)
     run.check_resume(config, data.manifest)
     if config.batch_size < ctx.world_size:
         raise ValueError(f"--batch-size {config.batch_size}: the global batch must hold at least one item per "
@@ -90,7 +92,7 @@ def check_inputs(config: Config):
     if INCREMENTAL in config.stage and ORIGINAL not in config.stage and not run.stage_complete(INCREMENTAL):
         load_old_codes(config, data, run)
     build_model(config.arch, config.code_length, config.pretrained)  # a bad --pretrained file fails here
-    return data, run
+    return config, data, run
 
 
 def load_data(config: Config) -> PreparedData:

@@ -194,7 +194,7 @@ def host_syncs(table: Table, data: Path, device: str, quick: bool) -> None:
                                "small-cnn", "--resolution", "32", "--max-epoch", "1", "--num-samples", "512",
                                "--batch-size", "64", "--stage", "original"])
         comm.init(config.device)
-        data_, run = loop.check_inputs(config)
+        config, data_, run = loop.check_inputs(config)
         run.create(config, data_)
         stage = stage_spec("original", config, data_)
         training = loop.StageTraining(stage, config, data_, run, None, initial_codes(stage, config, None))
