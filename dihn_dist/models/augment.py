@@ -34,8 +34,9 @@ def resolve(mode: str, arch: str, dataset: str) -> str:
     look like. At the demo's budget, flips alone gave the stage-1 codes 0.64 where crops gave 0.61
     (docs/quality.md). Crops of 224 px inputs are the usual ImageNet-style training. A flip teaches the
     network that an image and its mirror image are the same, which is wrong for text, digits, or tags
-    that depend on the side of the frame; on the multi-label benchmark it cost the small CNN's stage 1
-    0.02 mAP (docs/quality.md), so data not known to be symmetric is not flipped unless asked for."""
+    that depend on the side of the frame (on a multi-label check with such tags, flips cost the small
+    CNN's stage 1 0.028 mAP; docs/quality.md), so data not known to be symmetric is not flipped unless
+    asked for."""
     if mode != "auto":
         return mode
     crops = arch != "small-cnn"
