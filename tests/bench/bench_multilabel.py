@@ -20,7 +20,8 @@ themselves. This benchmark is that case at a size 2 cores train in minutes:
              every training command.
 4. table     mAP@ALL of the original codes, DIHN and the retrain per variant, and what --augment ran (config.json).
 
-mAP figures are deterministic from the seed (one process; the machine's load changes only the time).
+mAP figures are deterministic from the seed (one process, one thread; the machine's load changes only the time).
+A finished variant's run folder is reused as it is: remove WORK/runs/<variant> to measure changed code.
 """
 from __future__ import annotations
 
