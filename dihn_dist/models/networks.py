@@ -76,7 +76,7 @@ class SmallCNN(nn.Module):
     5x5 kernels, because a unit of the second block then sees 14 px of the input (3x3: 8 px). On centred
     single-label images the dense layer can assemble an object from the grid, since it is always in the
     same place; with content anywhere in the frame (multi-label mosaics, 12-16 px objects at 32 px) it
-    cannot, and 3x3 kernels cost stage 1 0.008 mAP there (docs/quality.md, the multi-label benchmark).
+    cannot: there 3x3 kernels cost stage 1 0.007 mAP and DIHN 0.025 (docs/quality.md, multi-label section).
 
     No dropout and no batch norm, so N processes x batch b follow exactly the trajectory of one process
     with batch N*b (the distributed equivalence test relies on it).
