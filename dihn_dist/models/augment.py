@@ -51,7 +51,7 @@ def draw_params(generator: torch.Generator, count: int, mode: str,
     Every mode draws the same uniforms, so a mode changes what is applied, not the draws that follow."""
     if mode not in MODES:
         raise ValueError(f"--augment: expected one of {', '.join(MODES)} (auto is resolved by the "
-                         f"configuration), got {mode!r}")
+                         f"trainer once it has read the data), got {mode!r}")
     uniform = torch.rand(count, 5, generator=generator)
     params = torch.empty(count, 5)
     if mode.startswith("crop"):
