@@ -58,9 +58,9 @@ def test_help_states_the_real_defaults_and_the_reference_flag_names():
 def test_defaults_come_from_the_declarations():
     config = parse_config([])
     for item in dataclasses.fields(Config):
-        if item.name not in ("data", "augment"):  # derived: data/<dataset>, augment resolved from arch
+        if item.name != "data":  # derived: data/<dataset>
             assert getattr(config, item.name) == cfg.default_of(item.name), item.name
-    assert (config.data, config.augment) == ("data/fashion-mnist", "crop-flip")
+    assert (config.data, config.augment) == ("data/fashion-mnist", "auto")  # auto: resolved with the data
     assert Config.precision_k == 1000  # evaluate.py reads the class default
 
 
@@ -141,7 +141,7 @@ def test_demo_config_file_parses_into_the_demos_former_flags():
     common = ["--data", "data/fashion-mnist", "--out", "runs/demo", "--resume"]
     from_file = parse_config(["--config", str(REPO / "launch" / "demo.yaml"), *common])
     assert from_file == parse_config([*DEMO_FLAGS, *common])
-    assert (from_file.lr, from_file.max_iter, from_file.augment) == (1e-3, 20, "flip")
+    assert (from_file.lr, from_file.max_iter, from_file.augment) == (1e-3, 20, "auto")
     # extra arguments of demo.sh still override the file
     assert parse_config(["--config", str(REPO / "launch" / "demo.yaml"), "--seed", "2", "--max-iter", "3"]) == \
         parse_config([*DEMO_FLAGS, "--seed", "2", "--max-iter", "3"])

@@ -12,36 +12,49 @@ import math
 import torch
 import torch.nn.functional as F
 
-# What runs; --augment also takes "auto", which the configuration resolves from --arch (resolve).
-MODES = ("crop-flip", "flip", "none")
+# What runs; --augment also takes "auto", which the trainer resolves from --arch and the dataset (resolve).
+MODES = ("crop-flip", "crop", "flip", "none")
 AUGMENTATIONS = ("auto",) + MODES
 
-# crop-flip: a crop of 35-100% of the image's area, aspect 3:4 to 4:3, resized back to the input size.
+# Datasets whose mirror image is another plausible item of the same classes: garments, CIFAR's objects.
+# Image lists and NUS-WIDE may hold text, digits, or labels that depend on where things are in the frame.
+MIRROR_SYMMETRIC = ("fashion-mnist", "cifar-10")
+
+# crop-flip, crop: a crop of 35-100% of the image's area, aspect 3:4 to 4:3, resized back to the input size.
 CROP_SCALE = (0.35, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def resolve(mode: str, arch: str) -> str:
-    """--augment auto: flip only for the small CNN, crop-flip for the ImageNet architectures.
+def resolve(mode: str, arch: str, dataset: str) -> str:
+    """--augment auto: flip only for the small CNN, crops for the ImageNet architectures, and flips only
+    where the dataset is known to be mirror-symmetric (MIRROR_SYMMETRIC); any other value is kept.
 
     The small CNN trains on the stored images of tiny datasets (28 px Fashion-MNIST): a crop of 35% of
     such an image keeps a 17 px piece of the garment, zoomed 1.7x, which the centred test images never
     look like. At the demo's budget, flips alone gave the stage-1 codes 0.64 where crops gave 0.61
-    (docs/quality.md). Crops of 224 px inputs are the usual ImageNet-style training."""
+    (docs/quality.md). Crops of 224 px inputs are the usual ImageNet-style training. A flip teaches the
+    network that an image and its mirror image are the same, which is wrong for text, digits, or tags
+    that depend on the side of the frame (on a multi-label check with such tags, flips cost the small
+    CNN's stage 1 0.028 mAP; docs/quality.md), so data not known to be symmetric is not flipped unless
+    asked for."""
     if mode != "auto":
         return mode
-    return "flip" if arch == "small-cnn" else "crop-flip"
+    crops = arch != "small-cnn"
+    if dataset in MIRROR_SYMMETRIC:
+        return "crop-flip" if crops else "flip"
+    return "crop" if crops else "none"
 
 
 def draw_params(generator: torch.Generator, count: int, mode: str,
                 scale=CROP_SCALE, ratio=CROP_RATIO) -> torch.Tensor:
-    """(count, 5) float32 rows: crop width, crop height (fractions of the side), centre x, centre y, flip sign."""
+    """(count, 5) float32 rows: crop width, crop height (fractions of the side), centre x, centre y, flip sign.
+    Every mode draws the same uniforms, so a mode changes what is applied, not the draws that follow."""
     if mode not in MODES:
         raise ValueError(f"--augment: expected one of {', '.join(MODES)} (auto is resolved by the "
-                         f"configuration), got {mode!r}")
+                         f"trainer once it has read the data), got {mode!r}")
     uniform = torch.rand(count, 5, generator=generator)
     params = torch.empty(count, 5)
-    if mode == "crop-flip":
+    if mode.startswith("crop"):
         area = scale[0] + (scale[1] - scale[0]) * uniform[:, 0]
         log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * uniform[:, 1]
         aspect = torch.exp(log_ratio)
@@ -53,7 +66,7 @@ def draw_params(generator: torch.Generator, count: int, mode: str,
         params[:, 3] = (1 - height) * (2 * uniform[:, 3] - 1)
     else:
         params[:, :2], params[:, 2:4] = 1.0, 0.0
-    params[:, 4] = torch.where((uniform[:, 4] < 0.5) & (mode != "none"), -1.0, 1.0)
+    params[:, 4] = torch.where((uniform[:, 4] < 0.5) & mode.endswith("flip"), -1.0, 1.0)
     return params
 
 

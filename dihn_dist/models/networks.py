@@ -189,7 +189,7 @@ def hash_tanh(logits: torch.Tensor) -> torch.Tensor:
 
 
 class SmallCNN(nn.Module):
-    """Two 3x3 conv blocks and two dense layers: trains from scratch on small images on a CPU.
+    """Two 5x5 conv blocks and two dense layers: trains from scratch on small images on a CPU.
 
     Leaky ReLUs, because stage 1 and the retrained baseline start from random codes. Against random codes
     the hash term is smallest for outputs near 0, and the first outer iteration gets there by driving
@@ -199,8 +199,12 @@ class SmallCNN(nn.Module):
     units keep a gradient and come back once the codes carry the classes (docs/quality.md).
 
     The second block's 7x7 grid (28 px after two 2x pools) goes to the dense layer as it is; other input
-    sides are pooled to 7x7 (averaging it down to 4x4 blurred neighbouring cells together, with 5x5
-    convolutions that cost 2.8x the multiplications for no measured gain).
+    sides are pooled to 7x7 (averaging it down to 4x4 blurred neighbouring cells together).
+
+    5x5 kernels, because a unit of the second block then sees 14 px of the input (3x3: 8 px). On centred
+    single-label images the dense layer can assemble an object from the grid, since it is always in the
+    same place; with content anywhere in the frame (multi-label mosaics, 12-16 px objects at 32 px) it
+    cannot: there 3x3 kernels cost stage 1 0.007 mAP and DIHN 0.025 (docs/quality.md, multi-label section).
 
     No dropout and no batch norm, so N processes x batch b follow exactly the trajectory of one process
     with batch N*b (the distributed equivalence test relies on it).
@@ -213,8 +217,8 @@ class SmallCNN(nn.Module):
     def __init__(self, code_length: int):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.LeakyReLU(self.NEGATIVE_SLOPE, inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.LeakyReLU(self.NEGATIVE_SLOPE, inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(3, 32, 5, padding=2), nn.LeakyReLU(self.NEGATIVE_SLOPE, inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.LeakyReLU(self.NEGATIVE_SLOPE, inplace=True), nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(7),
         )
         self.hash_layer = nn.Sequential(

@@ -24,7 +24,7 @@ from ..common.formats import DIHN_STAGES, STAGES
 from ..distributed.comm import GRAD_COMPRESSIONS
 from ..distributed.comm import context as process_context
 from ..distributed.machine import cpu_share
-from ..models.augment import AUGMENTATIONS
+from ..models.augment import AUGMENTATIONS, MODES
 from ..models.augment import resolve as resolve_augment
 from ..models.networks import ARCHITECTURES, PRECISIONS, SWITCHES, has_trunk
 
@@ -140,7 +140,10 @@ class Config:
         shown="224 for alexnet/resnet50/efficientnet-lite0, 240 lite1, 260 lite2; for small-cnn the prepared "
               "images' most common side")
     augment: str = option("auto", "training augmentation (seeded, applied on the device); auto = flip for "
-                                  "small-cnn (tiny images), none with --freeze-backbone, crop-flip otherwise",
+                                  "small-cnn (tiny images), crop-flip otherwise, on datasets known to be "
+                                  "mirror-symmetric (fashion-mnist, cifar-10); on others (nus-wide-tc21, "
+                                  "image-list) none for small-cnn, crop otherwise; none with --freeze-backbone. config.json "
+                                  "records what ran",
                           choices=AUGMENTATIONS, resume_keeps=True)
     stage: List[str] = option(
         help="original, incremental, retrain, all (= original,incremental) or a comma-separated list; "
@@ -360,10 +363,23 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Config:
                        for name, value in values.items()})
     data = config.data if config.data is not None else f"data/{config.dataset or 'fashion-mnist'}"
     check_frozen_trunk(config)
-    augment = "none" if config.freeze_backbone else resolve_augment(config.augment, config.arch)
-    config = replace(config, data=data, augment=augment)
+    config = replace(config, data=data)
     validate(config)
     return config
+
+
+def resolve_for_data(config: Config, dataset: str, recorded: Optional[dict] = None) -> Config:
+    """The settings that depend on the prepared data, decided once the trainer has loaded it: --augment auto
+    (models.augment.resolve: flips only for datasets known to be mirror-symmetric). `recorded` is the
+    config.json of the run being resumed: auto then means what that run resolved it to when it started, so
+    a resumed run goes on as it began (also a run started by a version that resolved auto otherwise)."""
+    if config.augment != "auto":
+        return config
+    if config.freeze_backbone:  # the trunk's features are computed once, from the unaugmented images
+        return replace(config, augment="none")
+    if recorded and recorded.get("augment") in MODES:
+        return replace(config, augment=recorded["augment"])
+    return replace(config, augment=resolve_augment(config.augment, config.arch, dataset))
 
 
 # ----------------------------------------------------------------------------------------------------

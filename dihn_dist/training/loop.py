@@ -44,7 +44,7 @@ from ..models.networks import (
     resolve_pretrained,
     use_channels_last,
 )
-from .config import Config
+from .config import Config, resolve_for_data
 from .features import features_key, frozen_features
 from .reporting import (
     IterationClock,
@@ -63,7 +63,7 @@ from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_gene
 
 def train(config: Config) -> int:
     """Check every input, then run the configured stages in order and report every finished one."""
-    data, run = check_inputs(config)  # nothing is written before these return
+    config, data, run = check_inputs(config)  # nothing is written before these return
     try:
         weights, warning = check_weights(config, run)
         if config.check_only:
@@ -88,8 +88,9 @@ def train(config: Config) -> int:
 
 def check_inputs(config: Config):
     """Everything that can be wrong with the command, checked before the run folder is touched, so that a
-    failed start leaves nothing behind that would block the corrected command. Returns (data, run) with
-    rank 0 holding the run folder's lock when it is already a run folder (else create takes it)."""
+    failed start leaves nothing behind that would block the corrected command. Returns the configuration
+    with what depends on the data resolved (--augment auto), the data and the run folder, with rank 0
+    holding the run folder's lock when it is already a run folder (else create takes it)."""
     delay_for_tests()
     run = RunFolder(config.out)
     try:
@@ -102,6 +103,8 @@ def check_inputs(config: Config):
 def check_inputs_of(config: Config, run: RunFolder):
     ctx = comm.context()
     data = load_data(config)
+    recorded = comm.rank0_decides(run.recorded_config) if config.resume else None
+    config = resolve_for_data(config, data.dataset, recorded)
     comm.rank0_decides(lambda: run.claim(config, data.manifest))
     if config.batch_size < ctx.world_size:
         raise ValueError(f"--batch-size {config.batch_size}: the global batch must hold at least one item per "
@@ -119,7 +122,7 @@ def check_inputs_of(config: Config, run: RunFolder):
     if config.resume:
         comm.rank0_decides(lambda: run.check_checkpoints(config.stage))
     MixedPrecision(config.precision, ctx.device)  # bf16 on a GPU without it fails here
-    return data, run
+    return config, data, run
 
 
 def check_old_codes(config: Config, data: PreparedData, run: RunFolder) -> None:

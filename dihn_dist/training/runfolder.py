@@ -183,6 +183,10 @@ class RunFolder:
     def read_json(self, *parts: str) -> dict:
         return json.loads(self.path(*parts).read_text())
 
+    def recorded_config(self) -> Optional[dict]:
+        """The settings a run folder recorded (config.json), or None where the folder holds no run."""
+        return self.read_json("config.json") if folder_kind(self.root) == "run" and self.has_run() else None
+
     # ------------------------------------------------------------------------------------------------
     # One trainer per run folder: rank 0 holds an exclusive lock on it from its first check to the end
 

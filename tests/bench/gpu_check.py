@@ -336,7 +336,7 @@ def count_syncs(data: Path, device: str, command: TrainerCommand) -> tuple:
     with tempfile.TemporaryDirectory() as scratch:
         config = parse_config(trainer_argv(Path(scratch), data, command, device))
         comm.init(config.device)
-        data_, run = loop.check_inputs(config)
+        config, data_, run = loop.check_inputs(config)
         run.create(config, data_)
         stage = stage_spec("original", config, data_)
         training = loop.StageTraining(stage, config, data_, run, None, initial_codes(stage, config, None))
