@@ -13,18 +13,9 @@ to write) and the host-side label/position conversions, next to FFCV's decode ti
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-
-
-def best_of(repeat: int, work) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return min(times)
+from benchkit import best_of
 
 
 def main() -> None:

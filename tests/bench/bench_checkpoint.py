@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from benchkit import best_of
 
 from dihn_dist.models.networks import build_model
 from dihn_dist.training.runfolder import atomic_torch_save, host_copy
@@ -36,15 +36,6 @@ def nbytes(state) -> int:
     if isinstance(state, (list, tuple)):
         return sum(nbytes(v) for v in state)
     return 0
-
-
-def best_of(repeat: int, work) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:
