@@ -386,8 +386,9 @@ def train_cli(*args, env=None):
 # What may stand above the error line, and only where a test says so: work done before the failure reports
 # itself. The trainer's log lines (its format, HH:MM:SS | LEVEL | ...) when a run fails while training, and
 # prepare's tqdm bars (`NN%|...| i/n [...]`, redrawn with carriage returns) of the parts it wrote before it
-# met the bad image. Nothing else: a traceback or a warning above the error fails the test.
-TRAINER_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \| (INFO|WARNING) +\| ")
+# met the bad image (or the full disk). Nothing else: a traceback or a warning above the error fails the test.
+# prepare's log lines carry the date and milliseconds (loguru's default format), the trainer's the time.
+TRAINER_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d )?\d\d:\d\d:\d\d(\.\d+)? \| (INFO|WARNING) +\| ")
 PROGRESS_BAR = re.compile(r"^ *\d+%\|[^|]*\| *\d+/\d+ \[[^\]]*\]$")
 
 
@@ -400,8 +401,9 @@ def error_line(stderr: str, after_log: bool = False, after_progress: bool = Fals
     if after_log:
         lines = [line for line in lines if not TRAINER_LOG_LINE.match(line)]
     if after_progress:
-        lines = [line for line in lines if not (line.strip("\r") and all(
-            PROGRESS_BAR.match(bar) for bar in line.split("\r") if bar))]
+        # a bar is redrawn with carriage returns and cleared with blanks when it closes
+        lines = [line for line in lines if not all(PROGRESS_BAR.match(bar) or not bar.strip()
+                                                   for bar in line.split("\r"))]
     assert len(lines) == 1 and lines[0].startswith("error"), stderr[-3000:]
     return lines[0]
 
@@ -706,7 +708,7 @@ def prepare_subprocess(*argv, fsize=None):
     limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
     result = subprocess.run([sys.executable, "-m", "dihn_dist.prepare", *map(str, argv), "--num-workers", "1"],
                             capture_output=True, text=True, timeout=600, preexec_fn=limit)
-    return result.returncode, error_line(result.stderr)
+    return result.returncode, error_line(result.stderr, after_log=True, after_progress=True)
 
 
 @pytest.mark.parametrize("command", ["prepare", "train"])

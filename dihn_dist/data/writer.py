@@ -74,9 +74,12 @@ class RecordWriteErrors:
         try:
             return self.target(*args, **kwargs)
         except OSError as error:
-            if error.errno in WRITE_ERRNOS:
-                self.write_errno.value = error.errno
-            raise
+            if error.errno not in WRITE_ERRNOS:
+                raise
+            # The parent names --out in one line; a worker's traceback above it would only say the same.
+            self.write_errno.value = error.errno
+            sys.stderr.flush()
+            os._exit(1)
 
 
 # ----------------------------------------------------------------------------------------------------------
