@@ -16,7 +16,7 @@ from dihn_dist.data.prepared import IMAGENET_MEAN, IMAGENET_STD
 from dihn_dist.models import networks
 from dihn_dist.serving import retrieve
 from dihn_dist.training import loop
-from dihn_dist.training.config import load_config_file, parse_config
+from dihn_dist.training.config import load_config_file, parse_config, resolve_for_data
 from dihn_dist.training.runfolder import RunFolder, check_same_weights
 
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
@@ -152,7 +152,9 @@ def test_frozen_trunk_refuses_what_cannot_apply(tmp_path):
         parse_config(["--arch", "alexnet", "--freeze-backbone"])
     with pytest.raises(ValueError, match="--freeze-backbone with --pretrained none"):
         parse_config(["--arch", "efficientnet-lite0", "--freeze-backbone", "--pretrained", "none"])
-    assert parse_config(["--arch", "efficientnet-lite0", "--freeze-backbone"]).augment == "none"
+    # auto is resolved once the data is known; a frozen trunk never augments, even on mirror-symmetric data
+    frozen = parse_config(["--arch", "efficientnet-lite0", "--freeze-backbone"])
+    assert resolve_for_data(frozen, "fashion-mnist").augment == "none"
 
 
 # ----------------------------------------------------------------------------------------------------
