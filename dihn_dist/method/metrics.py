@@ -46,16 +46,19 @@ def relevance(query_labels: torch.Tensor, db_labels: torch.Tensor) -> torch.Tens
     return (query_labels.float() @ db_labels.float().T) > 0
 
 
-def _validate(query_codes, db_codes, query_labels, db_labels) -> None:
+def _validate(query_codes, db_codes, query_labels, db_labels, db: str = "db") -> None:
+    """The inputs' shapes and values; `db` names the database side in the errors ("shard": a shard of it,
+    which, unlike the whole database, may hold no rows)."""
     check_codes("query_codes", query_codes)
     check_nonempty("query_codes", query_codes)
-    check_codes("db_codes", db_codes, query_codes.shape[1])
-    check_nonempty("db_codes", db_codes)
+    check_codes(f"{db}_codes", db_codes, query_codes.shape[1])
+    if db == "db":
+        check_nonempty("db_codes", db_codes)
     check_labels("query_labels", query_labels)
     check_nonempty("query_labels", query_labels)
     check_rows("query_labels", query_labels, query_codes.shape[0], "query_codes")
-    check_labels("db_labels", db_labels, query_labels.shape[1])
-    check_rows("db_labels", db_labels, db_codes.shape[0], "db_codes")
+    check_labels(f"{db}_labels", db_labels, query_labels.shape[1])
+    check_rows(f"{db}_labels", db_labels, db_codes.shape[0], f"{db}_codes")
 
 
 def _resolve_topk(topk: Optional[int], num_database: int) -> int:
@@ -388,18 +391,6 @@ def _row(aps_all, aps_topk, hits, query_labels, num_seen, topk, precision_k, n) 
 SHARD_CHUNK_ENTRIES = 1 << 21
 
 
-def _validate_shard(query_codes, shard_codes, query_labels, shard_labels) -> None:
-    """_validate, except that a shard may hold no rows."""
-    check_codes("query_codes", query_codes)
-    check_nonempty("query_codes", query_codes)
-    check_codes("shard_codes", shard_codes, query_codes.shape[1])
-    check_labels("query_labels", query_labels)
-    check_nonempty("query_labels", query_labels)
-    check_rows("query_labels", query_labels, query_codes.shape[0], "query_codes")
-    check_labels("shard_labels", shard_labels, query_labels.shape[1])
-    check_rows("shard_labels", shard_labels, shard_codes.shape[0], "shard_codes")
-
-
 def _shard_chunk(query_codes, shard_codes, query_labels, shard_labels, rows):
     """(distances int64, relevance bool, per-distance counts q x 2 x (c+1)) of a chunk of queries."""
     distances = hamming_distances(query_codes[rows], shard_codes).long()
@@ -415,7 +406,7 @@ def shard_distance_counts(query_codes: torch.Tensor, shard_codes: torch.Tensor, 
                           shard_labels: torch.Tensor, chunk_rows: Optional[int] = None) -> torch.Tensor:
     """q x 2 x (c+1) int64 on the query codes' device: per query and Hamming distance d, the shard's items
     at distance d ([:, 0]) and its relevant items at distance d ([:, 1]). A shard without rows gives zeros."""
-    _validate_shard(query_codes, shard_codes, query_labels, shard_labels)
+    _validate(query_codes, shard_codes, query_labels, shard_labels, db="shard")
     device = query_codes.device
     shard_codes, query_labels, shard_labels = shard_codes.to(device), query_labels.to(device), shard_labels.to(device)
     counts = torch.zeros(query_codes.shape[0], 2, query_codes.shape[1] + 1, dtype=torch.int64, device=device)
@@ -437,7 +428,7 @@ def shard_rank_sums(query_codes: torch.Tensor, shard_codes: torch.Tensor, query_
     over those ranked within the top topk, the number of those, and the number of its relevant items in
     the top precision_k. Summed over shards they give AP@ALL and AP@topk (sharded_retrieval_row).
     """
-    _validate_shard(query_codes, shard_codes, query_labels, shard_labels)
+    _validate(query_codes, shard_codes, query_labels, shard_labels, db="shard")
     device = query_codes.device
     num_queries, bins = query_codes.shape[0], query_codes.shape[1] + 1
     for name, counts in (("counts_total", counts_total), ("counts_before", counts_before)):
