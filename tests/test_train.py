@@ -238,12 +238,9 @@ def test_config_file_with_flag_override(tiny_prepared, tmp_path):
         parse_config(["--config", str(bad)])
 
 
-def test_sigterm_stops_after_a_checkpoint_and_resume_finishes(tiny_prepared, tmp_path):
-    args = ["--max-iter", "4", "--stage", "original"]
-    reference = tmp_path / "reference"
-    subprocess.run(_train_command(tiny_prepared, reference, *args), check=True, capture_output=True)
-
-    out = tmp_path / "stopped"
+def sigterm_after_the_first_iteration(tiny_prepared, out, *args) -> str:
+    """Start a run, SIGTERM it once its log shows outer iteration 1 (of 4), and return its stderr; it must have
+    stopped with 128 + SIGTERM."""
     process = subprocess.Popen(_train_command(tiny_prepared, out, *args), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     log = out / "train.log"
@@ -253,6 +250,16 @@ def test_sigterm_stops_after_a_checkpoint_and_resume_finishes(tiny_prepared, tmp
     process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    return stderr
+
+
+def test_sigterm_stops_after_a_checkpoint_and_resume_finishes(tiny_prepared, tmp_path):
+    args = ["--max-iter", "4", "--stage", "original"]
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(tiny_prepared, reference, *args), check=True, capture_output=True)
+
+    out = tmp_path / "stopped"
+    stderr = sigterm_after_the_first_iteration(tiny_prepared, out, *args)
     assert "continue with --resume" in stderr
     stopped_after = torch.load(out / "checkpoints" / "original.pt", weights_only=False)["iteration"]
     assert stopped_after < 3 and not (out / "original" / "result.json").exists()
@@ -358,15 +365,7 @@ def test_sigterm_checkpoints_at_once_whatever_the_schedule(tiny_prepared, tmp_pa
 
     out = tmp_path / "stopped"
     rare = [*args, "--checkpoint-every", "50"]
-    process = subprocess.Popen(_train_command(tiny_prepared, out, *rare), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    log = out / "train.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None and "iteration 1/4" not in (log.read_text() if log.exists() else ""):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    stderr = process.communicate(timeout=120)[1]
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    sigterm_after_the_first_iteration(tiny_prepared, out, *rare)
     stopped_after = torch.load(out / "checkpoints" / "original.pt", weights_only=False)["iteration"]
     assert stopped_after < 3 and not (out / "original" / "result.json").exists()
     subprocess.run(_train_command(tiny_prepared, out, *rare, "--resume"), check=True, capture_output=True)
