@@ -33,3 +33,9 @@ def test_device_selection_errors():
         with pytest.raises(ValueError, match="CUDA is not available"):
             machine.select_device("cuda", 0)
     assert machine.select_device("cpu", 3) == torch.device("cpu")
+
+
+def test_forward_passes_use_small_batches_on_a_cpu_and_large_ones_on_a_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [machine.inference_batch_size(b, cpu) for b in (8, 32, 64, 512)] == [8, 32, 32, 32]
+    assert [machine.inference_batch_size(b, gpu) for b in (8, 64, 512)] == [256, 256, 512]

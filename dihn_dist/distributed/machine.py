@@ -63,6 +63,15 @@ def set_intra_op_threads(local_world_size: int) -> None:
         torch.set_num_threads(cpu_share(local_world_size))
 
 
+def inference_batch_size(batch_size: int, device: torch.device) -> int:
+    """The batch of the forward-only passes (encoding queries, the frozen trunk's features). A GPU gets at
+    least 256 images a call: it idles between calls. A CPU gets at most 32: bigger batches' activations
+    spill out of the caches. Measured on 2 cores (fp32, images/s at batch 32 / 256): EfficientNet-Lite0's
+    trunk at 64 px 575 / 223, ResNet-50 at 224 px 12 / 9, AlexNet 115 / 100; the small CNN, cheap either
+    way, 2,620 / 2,961 (`tests/bench/bench_backbones.py --part throughput` prints the Lite0 figures)."""
+    return max(batch_size, 256) if device.type == "cuda" else min(batch_size, 32)
+
+
 def fast_kernels() -> None:
     """The default outside --deterministic: cuDNN picks the fastest convolution algorithm per input shape
     (timed once per shape; the trainer's shapes are few and fixed) and fp32 matmuls and convolutions use

@@ -31,6 +31,7 @@ from ..common.formats import INCREMENTAL, ORIGINAL
 from ..data.loader import FeatureRows, TrainLoader, batch_schedule, eval_batches, global_batch_bounds
 from ..data.prepared import PreparedData, load_prepared
 from ..distributed import comm
+from ..distributed.machine import inference_batch_size
 from ..method import dcc, hashing, metrics
 from ..models import augment
 from ..models.networks import (
@@ -233,8 +234,8 @@ class StageTraining:
             network.trunk.requires_grad_(False)
             self.features, self.features_s = frozen_features(
                 network, features_key(config.arch, weights, self.resolution, self.precision, data), data, run,
-                batch_size=max(config.batch_size, 256), num_workers=config.loader_threads, precision=self.precision,
-                channels_last=self.channels_last)
+                batch_size=inference_batch_size(config.batch_size, ctx.device), num_workers=config.loader_threads,
+                precision=self.precision, channels_last=self.channels_last)
             self.channels_last = False  # the steps get feature rows, not images
             trained = HashHead(network)
         else:
@@ -477,7 +478,7 @@ def encode(model: torch.nn.Module, data: PreparedData, part: str, config: Config
     ctx = comm.context()
     count = data.num_query if part == "query" else data.num_database
     shard = np.array_split(np.arange(count), ctx.world_size)[ctx.rank]
-    batch_size = max(config.batch_size, 256)
+    batch_size = inference_batch_size(config.batch_size, ctx.device)
     batches = eval_batches(data, part, batch_size=batch_size, resolution=resolution, device=ctx.device,
                            num_workers=config.loader_threads, indices=shard)
     local = encode_batches(comm.unwrap(model), progress(batches, -(-len(shard) // batch_size), f"encoding {part}"),
