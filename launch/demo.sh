@@ -10,7 +10,9 @@ setup_all
 cd "$REPO_ROOT"
 DATA="${DIHN_DATA:-$REPO_ROOT/data/fashion-mnist}"
 OUT="${DIHN_OUT:-$REPO_ROOT/runs/demo}"
+CONFIG="${DIHN_DEMO_CONFIG:-$REPO_ROOT/launch/demo.yaml}"
 run python -m dihn_dist.prepare --dataset fashion-mnist --out "$DATA"
-# The settings are in launch/demo.yaml; flags given here (and in "$@") override the file.
-run python -m dihn_dist.train --config "$REPO_ROOT/launch/demo.yaml" --data "$DATA" --out "$OUT" --resume "$@"
+# The settings are in launch/demo.yaml (launch/demo_pretrained.sh: demo_pretrained.yaml); flags given
+# here (and in "$@") override the file.
+run python -m dihn_dist.train --config "$CONFIG" --data "$DATA" --out "$OUT" --resume "$@"
 echo "Run folder: $OUT (metrics.json, codes, models, logs; TensorBoard: tensorboard --logdir $OUT)"

@@ -145,7 +145,25 @@ def test_demo_config_file_parses_into_the_demos_former_flags():
     # extra arguments of demo.sh still override the file
     assert parse_config(["--config", str(REPO / "launch" / "demo.yaml"), "--seed", "2", "--max-iter", "3"]) == \
         parse_config([*DEMO_FLAGS, "--seed", "2", "--max-iter", "3"])
-    assert '--config "$REPO_ROOT/launch/demo.yaml"' in (REPO / "launch" / "demo.sh").read_text()
+    assert 'DIHN_DEMO_CONFIG:-$REPO_ROOT/launch/demo.yaml' in (REPO / "launch" / "demo.sh").read_text()
+
+
+@pytest.mark.parametrize("demo, plan", [
+    ("demo", ["small-cnn at 28 px", "weights: from scratch"]),
+    ("demo_pretrained", ["efficientnet-lite0 at 64 px", "efficientnet-lite0-57934424.pth (sha256 579344248a93e230"]),
+])
+def test_each_demo_config_passes_the_trainers_checks(demo, plan, tiny_prepared, tmp_path):
+    """The demos' settings, as their scripts pass them, get through every input check of the trainer (the
+    pretrained demo's weights resolve from the installed package); only the sample size is cut to the
+    tiny database's."""
+    script = (REPO / "launch" / f"{demo}.sh").read_text()
+    assert demo == "demo" or f'DIHN_DEMO_CONFIG="$here/{demo}.yaml"' in script
+    done = subprocess.run([sys.executable, "-m", "dihn_dist.train", "--config", str(REPO / "launch" / f"{demo}.yaml"),
+                           "--data", str(tiny_prepared), "--out", str(tmp_path / "run"), "--resume",
+                           "--num-samples", "120", "--check-only"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    for expected in ["stage original:", "stage incremental:", "stage retrain:", *plan]:
+        assert expected in done.stdout, (expected, done.stdout)
 
 
 def test_debug_defaults_are_settings():
