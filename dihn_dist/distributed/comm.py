@@ -300,12 +300,15 @@ def load_rank_rows(folder, start: int, end: int) -> torch.Tensor:
     import torch.distributed.checkpoint as dcp
 
     folder = Path(folder)
+    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
     blocks = []
-    for key, meta in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata.items():
+    for key, meta in saved.items():
         first, last = (int(part) for part in key.split("_")[1:3])
         if first < end and last > start and last > first:
             blocks.append((first, last, key, meta))
-    pieces, covered = [], start
+    any_block = next(iter(saved.values()))
+    pieces = [torch.empty((0,) + tuple(any_block.size)[1:], dtype=any_block.properties.dtype)]
+    covered = start
     for first, last, key, meta in sorted(blocks):
         if first > covered:
             break
@@ -315,8 +318,6 @@ def load_rank_rows(folder, start: int, end: int) -> torch.Tensor:
         covered = min(last, end)
     if covered < end:
         raise ValueError(f"{folder}: holds no rows {covered}..{end} (a checkpoint of another database size)")
-    if not pieces:
-        return torch.empty(0)
     return torch.cat(pieces)
 
 
