@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from test_distributed import TORCHRUN, free_port, torchrun
+from test_distributed import COMMON, TORCHRUN, free_port, torchrun
 
 STAGES = ("original", "incremental")
+# A watchdog only: three processes on a loaded 2-core machine took about 5 minutes for one tiny run.
+TIMEOUT = 900
 SHORT = ["--batch-size", "32", "--max-iter", "2", "--stage", "all", "--num-samples", "40"]
 
 
@@ -37,7 +39,7 @@ def run_both(nproc, data, folder, *extra):
     runs = {}
     for mode in ("off", "on"):
         out = folder / mode
-        result = torchrun(nproc, data, out, *SHORT, "--shard-database", mode, *extra)
+        result = torchrun(nproc, data, out, *SHORT, "--shard-database", mode, *extra, timeout=TIMEOUT)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[mode] = out
     return runs["off"], runs["on"]
@@ -77,11 +79,10 @@ def interrupted_then_resumed(data, out, first_nproc, then_nproc):
     args = [*SHORT, "--stage", "original", "--shard-database", "on"]
     command = [*TORCHRUN, "--nproc_per_node", str(first_nproc), "--master_port", str(free_port()), "-m",
                "dihn_dist.train", "--data", str(data), "--out", str(out)]
-    from test_distributed import COMMON
-    failed = subprocess.run([*command, *COMMON, *args], capture_output=True, text=True, timeout=300, env=env)
+    failed = subprocess.run([*command, *COMMON, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert failed.returncode != 0 and "injected failure" in failed.stdout + failed.stderr
     assert not (out / "original" / "result.json").exists()
-    resumed = torchrun(then_nproc, data, out, *args, "--resume")
+    resumed = torchrun(then_nproc, data, out, *args, "--resume", timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed after outer iteration 1" in (out / "train.log").read_text()
 
@@ -89,7 +90,7 @@ def interrupted_then_resumed(data, out, first_nproc, then_nproc):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("shard-resume") / "uninterrupted"
-    result = torchrun(2, tiny_prepared, out, *SHORT, "--stage", "original", "--shard-database", "on")
+    result = torchrun(2, tiny_prepared, out, *SHORT, "--stage", "original", "--shard-database", "on", timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

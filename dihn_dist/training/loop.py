@@ -58,7 +58,7 @@ from .reporting import (
     print_table,
     progress,
 )
-from .database import stage_database
+from .database import shards_database, stage_database
 from .runfolder import RunFolder, check_same_weights, load_old_codes
 from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_generator, stage_spec
 
@@ -156,6 +156,9 @@ def describe_plan(config: Config, data: PreparedData, run: RunFolder, weights: O
             frozen = f", B_old from {source}"
         lines.append(f"  stage {name}: {stage.num_database} database rows ({stage.num_frozen} frozen{frozen}), "
                      f"{state}")
+        if shards_database(config, stage.num_database):
+            lines.append(f"    database split by rows over {ctx.world_size} processes (--shard-database "
+                         f"{config.shard_database})")
     start = (f"{weights.file} (sha256 {weights.sha256[:16]}..., {weights.source})" if weights else
              "from scratch" if config.arch == "small-cnn" else "none: the backbone starts UNTRAINED")
     lines += [f"  outer iterations: {config.max_iter} x {config.max_epoch} epoch(s) x {config.num_samples} samples "
@@ -324,14 +327,16 @@ class StageTraining:
 
         Returns this rank's outputs U of the last epoch with their database positions, and the loss terms
         summed over every rank (per item and database entry, for reporting). The hash term's statistics
-        of the fixed codes are computed once here (every rank gets the same), so a step costs O(batch c^2) whatever the database size. Everything a step needs from the host (its
-        positions, its augmentation) moves to the device once per epoch, so a step never waits for the
-        host; the loss totals are checked for NaN/inf once per epoch, on every rank alike.
+        of the fixed codes are computed once here (every rank gets the same), so a step costs O(batch c^2)
+        whatever the database size; so are the sampled rows' own codes and label patterns, wherever they are
+        held. Everything a step needs from the host (its positions, its augmentation) moves to the device
+        once per epoch, so a step never waits for the host; the loss totals are checked for NaN/inf once per
+        epoch, on every rank alike.
         """
         ctx, config, stage = comm.context(), self.config, self.stage
         num_samples, n = sample.shape[0], stage.num_database
         stats = self.database.hash_term_stats(r)
-        sampled = self.database.sample_rows(sample)  # their codes and label patterns, wherever they are held
+        sampled = self.database.sample_rows(sample)
         global_sizes = [end - start
                         for start, end in global_batch_bounds(num_samples, config.batch_size, ctx.world_size)]
         by_position = np.argsort(sample.numpy())  # the slot of a position, without an n-sized table

@@ -456,7 +456,12 @@ class RunFolder:
     def load_codes_checkpoint(self, name: str, first_row: int, end_row: int) -> torch.Tensor:
         """This rank's rows [first_row, end_row) of a codes folder that save_codes_checkpoint wrote, from
         whatever world size wrote it."""
-        return comm.load_rank_rows(self.path("checkpoints", name), first_row, end_row)
+        folder = self.path("checkpoints", name)
+        if not folder.is_dir():
+            raise ValueError(f"--resume: {folder}, which holds the codes of the checkpoint of stage "
+                             f"{name.split('.codes.')[0]}, is missing; delete {self.path('checkpoints')}/"
+                             f"{name.split('.codes.')[0]}.pt to start that stage again from its first outer iteration")
+        return comm.load_rank_rows(folder, first_row, end_row)
 
     def remove_codes_checkpoints(self, stage: str, keep) -> None:
         """Rank 0 removes the stage's codes folders (and their temp folders) that no checkpoint names any more."""
