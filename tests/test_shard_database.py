@@ -118,3 +118,10 @@ def test_codes_checkpoint_rows_are_read_back_on_any_split(tmp_path):
         assert torch.equal(comm.load_rank_rows(tmp_path / "codes", start, end), codes[start:end]), (start, end)
     with pytest.raises(ValueError, match="holds no rows 11..12"):
         comm.load_rank_rows(tmp_path / "codes", 9, 12)
+
+
+def test_a_missing_codes_folder_is_one_line_naming_resume(tmp_path):
+    from dihn_dist.training.runfolder import RunFolder
+
+    with pytest.raises(ValueError, match=r"^--resume: .*original\.codes\.it3, .* is missing; delete .*original\.pt"):
+        RunFolder(tmp_path).load_codes_checkpoint("original.codes.it3", 0, 5)
