@@ -21,6 +21,23 @@ def tiny_prepared(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_nus(tmp_path_factory) -> Path:
+    """A tiny synthetic NUS-WIDE tc21 (tests/bench/nus_synth.py: mosaics, 1-3 of 21 tags), prepared at 16 px:
+    multi-label data."""
+    import sys
+
+    from dihn_dist.data.prepare import prepare
+    from dihn_dist.prepare import parse_args
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+    import nus_synth
+    root = tmp_path_factory.mktemp("nus")
+    nus_synth.generate(root / "source", num_database=90, query_per_tag=1, workers=1, log=lambda _: None)
+    prepare(parse_args(["--dataset", "nus-wide-tc21", "--root", str(root / "source"), "--out", str(root / "data"),
+                        "--max-side", "16", "--num-workers", "1"]))
+    return root / "data"
+
+
 # The training settings of every tiny run in the tests: seconds on 2 cores. A checkpoint after every outer
 # iteration: the tests interrupt runs at given iterations.
 TINY_TRAIN_ARGS = ["--arch", "small-cnn", "--code-length", "8", "--max-epoch", "1", "--num-samples", "120",

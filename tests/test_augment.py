@@ -64,23 +64,6 @@ def test_crop_draws_crop_flips_crops_without_the_flips():
     assert (crops[:, 4] == 1).all() and (crop_flips[:, 4] < 0).any()
 
 
-@pytest.fixture(scope="module")
-def tiny_nus(tmp_path_factory):
-    """A tiny synthetic NUS-WIDE tc21 (tests/bench/nus_synth.py: mosaics, 1-3 of 21 tags), prepared at 16 px."""
-    import sys
-    from pathlib import Path
-
-    from dihn_dist.data.prepare import prepare
-    from dihn_dist.prepare import parse_args
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
-    import nus_synth
-    root = tmp_path_factory.mktemp("nus")
-    nus_synth.generate(root / "source", num_database=90, query_per_tag=1, workers=1, log=lambda _: None)
-    prepare(parse_args(["--dataset", "nus-wide-tc21", "--root", str(root / "source"), "--out", str(root / "data"),
-                        "--max-side", "16", "--num-workers", "1"]))
-    return root / "data"
-
-
 def nus_command(data, out, *extra):
     from conftest import TINY_TRAIN_ARGS
     return ["--data", str(data), "--out", str(out), *TINY_TRAIN_ARGS, "--num-samples", "40", "--max-iter", "2",

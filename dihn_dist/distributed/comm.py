@@ -218,6 +218,36 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:c] for g, c in zip(gathered, counts)])
 
 
+def rows_sha256(rows: torch.Tensor, chunk_rows: int = 1 << 20) -> str:
+    """sha256 of every rank's rows concatenated in rank order (row-major bytes), the same hex digest on every
+    rank: what sha256 of the whole tensor on one process gives. Rank 0 hashes its own rows, then receives
+    each other rank's in chunks of chunk_rows, so no rank holds more than its own rows and one chunk."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    rows = rows.detach().contiguous()
+    if not _context.distributed:
+        digest.update(rows.cpu().numpy().tobytes())
+        return digest.hexdigest()
+    device = _device_for_collectives()
+    count = torch.tensor([rows.shape[0]], device=device)
+    counts = [torch.zeros_like(count) for _ in range(_context.world_size)]
+    torch_dist.all_gather(counts, count)
+    for source, rows_of_source in enumerate(int(c.item()) for c in counts):
+        for start in range(0, rows_of_source, chunk_rows):
+            size = min(chunk_rows, rows_of_source - start)
+            if source == 0:
+                if _context.is_main:
+                    digest.update(rows[start:start + size].cpu().numpy().tobytes())
+            elif _context.rank == source:
+                torch_dist.send(rows[start:start + size].to(device), dst=0)
+            elif _context.is_main:
+                chunk = torch.empty((size,) + tuple(rows.shape[1:]), dtype=rows.dtype, device=device)
+                torch_dist.recv(chunk, src=source)
+                digest.update(chunk.cpu().numpy().tobytes())
+    return broadcast_object(digest.hexdigest() if _context.is_main else None)
+
+
 def broadcast_codes(codes: Optional[torch.Tensor], rows: int, code_length: int) -> Tuple[torch.Tensor, int]:
     """Rank 0's +-1 codes (rows x code_length) on every rank, sent bit-packed (c/8 bytes a row, never float32).
 
@@ -258,6 +288,37 @@ def save_rank_tensors(tensors: dict, folder) -> None:
             shutil.rmtree(folder)
         os.replace(temp, folder)
     barrier()
+
+
+def load_rank_rows(folder, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of the tensors save_rank_tensors wrote into `folder` under keys "rows_A_B" (rows
+    [A, B) of one tensor split by rows), whatever world size wrote them: this rank reads only the saved
+    blocks that overlap its rows (torch.distributed.checkpoint, no collective), so a resume on another
+    world size re-splits them."""
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    blocks = []
+    for key, meta in saved.items():
+        first, last = (int(part) for part in key.split("_")[1:3])
+        if first < end and last > start and last > first:
+            blocks.append((first, last, key, meta))
+    any_block = next(iter(saved.values()))
+    pieces = [torch.empty((0,) + tuple(any_block.size)[1:], dtype=any_block.properties.dtype)]
+    covered = start
+    for first, last, key, meta in sorted(blocks):
+        if first > covered:
+            break
+        holder = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)}
+        dcp.load(holder, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+        pieces.append(holder[key][covered - first:min(last, end) - first])
+        covered = min(last, end)
+    if covered < end:
+        raise ValueError(f"{folder}: holds no rows {covered}..{end} (a checkpoint of another database size)")
+    return torch.cat(pieces)
 
 
 def rank0_computes(compute: Callable[[], Any], receive: Callable[[Any], Any]) -> Any:

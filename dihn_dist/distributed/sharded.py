@@ -3,8 +3,7 @@ r, the hash-term statistics, DCC and the retrieval row come out as the one-proce
 "Sharding the database by rows"). Glue only: the math is method/'s pure functions, the communication
 comm's collectives. Rank r holds rows shard_bounds(n)[r], contiguous and in rank order.
 
-The training loop does not call this yet: it still keeps every code on every rank and lets rank 0 solve
-DCC and rank the database.
+The training loop takes this path with --shard-database on (training/database.py, ShardedDatabase).
 """
 from __future__ import annotations
 
@@ -71,19 +70,32 @@ def learned_pattern_table(shard_labels: torch.Tensor, first_row: int,
     return table, torch.cat([torch.zeros(start, dtype=torch.long, device=ids.device), ids])
 
 
+def gather_sample(outputs: torch.Tensor, sample_labels: torch.Tensor,
+                  sample_rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, labels, database rows) of the whole sample on every rank, from each rank's share, in rank order:
+    the order the one-process path gathers U in."""
+    return comm.gather_rows(outputs.float()), comm.gather_rows(sample_labels), comm.gather_rows(sample_rows)
+
+
 def solve_dcc(shard_codes: torch.Tensor, first_row: int, outputs: torch.Tensor, sample_labels: torch.Tensor,
               sample_rows: torch.Tensor, shard_labels: torch.Tensor, gamma: float, r: Optional[float],
               num_frozen: int, learned_patterns: hashing.PatternsOf = None) -> torch.Tensor:
     """One DCC sweep over this rank's rows; returns its new codes (rows below num_frozen unchanged).
 
     outputs, sample_labels, sample_rows: this rank's share of the sample (its network outputs, their labels
-    and database rows), gathered here in rank order like the one-process path's U. The similarity's
-    factorization is decided over every rank's learned rows, so each rank takes the whole database's
-    decision. learned_patterns: learned_pattern_table(...), when the caller keeps it between sweeps.
+    and database rows), gathered here in rank order like the one-process path's U (gather_sample).
+    learned_patterns: learned_pattern_table(...), when the caller keeps it between sweeps.
     """
-    U = comm.gather_rows(outputs.float())
-    all_labels = comm.gather_rows(sample_labels)
-    all_rows = comm.gather_rows(sample_rows)
+    U, all_labels, all_rows = gather_sample(outputs, sample_labels, sample_rows)
+    return solve_dcc_gathered(shard_codes, first_row, U, all_labels, all_rows, shard_labels, gamma, r, num_frozen,
+                              learned_patterns)
+
+
+def solve_dcc_gathered(shard_codes: torch.Tensor, first_row: int, U: torch.Tensor, all_labels: torch.Tensor,
+                       all_rows: torch.Tensor, shard_labels: torch.Tensor, gamma: float, r: Optional[float],
+                       num_frozen: int, learned_patterns: hashing.PatternsOf = None) -> torch.Tensor:
+    """solve_dcc once the whole sample is on every rank (gather_sample). The similarity's factorization is
+    decided over every rank's learned rows, so each rank takes the whole database's decision."""
     start = min(max(num_frozen - first_row, 0), shard_labels.shape[0])
     factorize = comm.all_ranks(hashing.is_single_label(shard_labels[start:])) and hashing.is_single_label(all_labels)
     if learned_patterns is None and not factorize:

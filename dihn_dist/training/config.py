@@ -36,6 +36,16 @@ from ..models.networks import ARCHITECTURES, PRECISIONS, SWITCHES, has_trunk
 # write every iteration would make the loop wait for the previous one; every 5 leaves it the time.
 CHECKPOINT_EVERY = 5
 
+# --shard-database auto: on from this many database rows of a stage, with more than one process. The
+# evidence (docs/performance.md, internet-scale database): at 2M rows (c = 48, 2 ranks on CPU) the sharded
+# non-network iteration took 19.1 s against the rank-0 path's 28.9 s, but its evaluation 1,066 s against
+# 134 s (its metrics use the torch ranking, the rank-0 path the numpy one), so with an evaluation at the end
+# of a stage the rank-0 path is still faster there in total; it grows by about 1.1 GiB a rank per million
+# rows, so at 20M rows (estimated 22.7 GiB a rank) it no longer fits the 24 GiB machine measured on, where
+# the sharded path ran (2.1 GiB a rank). 10M lies between the two measured sizes.
+SHARD_DATABASE_ROWS = 10_000_000
+SHARD_DATABASE = ("auto", "on", "off")
+
 @dataclass(frozen=True)
 class Option:
     """What the command line, config files and the checks need to know about one Config field."""
@@ -185,6 +195,13 @@ class Config:
                           "in a background thread from a copy of the state while training goes on; SIGTERM "
                           "still checkpoints at once. A crash (not a SIGTERM) loses at most K iterations",
         positive=True)
+    shard_database: str = option(
+        "auto", "split each stage's database by rows over the processes: on = every process keeps only its "
+                "contiguous rows' codes and label-pattern ids, solves DCC for them and ranks them in the "
+                "evaluation (no process holds or sorts the whole database; codes and metrics as with off); off "
+                "= every process holds every code, process 0 solves DCC and ranks the database; auto = on from "
+                f"{SHARD_DATABASE_ROWS:,} database rows with more than one process",
+        choices=SHARD_DATABASE)
     grad_compression: str = option("none", "DDP gradient all-reduce: none (float32) or bf16 (half the bytes; "
                                            "the summed gradients keep 8 mantissa bits, so runs differ from "
                                            "uncompressed ones; for slow inter-node links)",

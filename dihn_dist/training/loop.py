@@ -6,7 +6,8 @@ Each stage is Algorithm 1 of the paper (`StageTraining.fit`):
     for each outer iteration:
         sample m database items          (seeded by seed, stage and iteration: the same on every rank)
         train the CNN on them for E epochs, codes fixed; keep the last epoch's outputs U
-        gather U on rank 0, which updates the learned codes by DCC and broadcasts them (bit-packed)
+        update the learned codes by DCC: rank 0 for every row, broadcasting them bit-packed, or with
+            --shard-database on each rank for its own rows (training/database.py)
         every --checkpoint-every iterations: checkpoint (atomic, written in the background by rank 0);
         if SIGTERM arrived: checkpoint now and stop
     encode the queries, evaluate, export the stage
@@ -32,7 +33,7 @@ from ..data.loader import FeatureRows, TrainLoader, batch_schedule, eval_batches
 from ..data.prepared import PreparedData, load_prepared
 from ..distributed import comm
 from ..distributed.machine import inference_batch_size
-from ..method import dcc, hashing, metrics
+from ..method import hashing
 from ..models import augment
 from ..models.networks import (
     HashHead,
@@ -58,7 +59,8 @@ from .reporting import (
     print_table,
     progress,
 )
-from .runfolder import RunFolder, check_same_weights, codes_checksum, load_old_codes
+from .database import shards_database, stage_database
+from .runfolder import RunFolder, check_same_weights, load_old_codes
 from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_generator, stage_spec
 
 
@@ -155,6 +157,9 @@ def describe_plan(config: Config, data: PreparedData, run: RunFolder, weights: O
             frozen = f", B_old from {source}"
         lines.append(f"  stage {name}: {stage.num_database} database rows ({stage.num_frozen} frozen{frozen}), "
                      f"{state}")
+        if shards_database(config, stage.num_database):
+            lines.append(f"    database split by rows over {ctx.world_size} processes (--shard-database "
+                         f"{config.shard_database})")
     start = (f"{weights.file} (sha256 {weights.sha256[:16]}..., {weights.source})" if weights else
              "from scratch" if config.arch == "small-cnn" else "none: the backbone starts UNTRAINED")
     lines += [f"  outer iterations: {config.max_iter} x {config.max_epoch} epoch(s) x {config.num_samples} samples "
@@ -201,11 +206,14 @@ def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, rep
     stage = stage_spec(name, config, data)
     frozen = comm.rank0_decides(lambda: load_old_codes(config, data, run)) if name == INCREMENTAL else None
     training = StageTraining(stage, config, data, run, reporter, initial_codes(stage, config, frozen), weights)
+    if training.database.sharded:
+        logger.info(f"stage {name}: the database is split by rows over {comm.context().world_size} processes "
+                    f"(--shard-database {config.shard_database})")
     logger.info(f"stage {name}: {stage.num_database} database items ({stage.num_frozen} frozen), "
                 f"{config.max_iter} outer iterations x {config.max_epoch} epochs x {config.num_samples} samples")
     result, query_codes = training.fit()
     model_state = {k: v.detach().cpu() for k, v in training.network.state_dict().items()}
-    run.save_stage(name, model_state, training.codes, query_codes, result)
+    run.save_stage(name, model_state, training.database.save_codes(run, name), query_codes, result)
     logger.info(f"stage {name}: {result['row']}")
     return result
 
@@ -247,11 +255,7 @@ class StageTraining:
         self.optimizer = self.precision.optimizer(parameter_groups(network, trained, config), config.lr,
                                                   config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=stage.lr_decay)
-        self.codes = codes.to(ctx.device, torch.float32)
-        self.labels = torch.from_numpy(data.database_labels[:stage.num_database]).to(ctx.device, torch.float32)
-        # The hash term, r and DCC see database items only through their label patterns: found once a stage.
-        self.patterns, self.pattern_of_row = hashing.label_patterns(self.labels)
-        self.learned_patterns = hashing.label_patterns(self.labels[stage.num_frozen:])
+        self.database = stage_database(stage, config, data, codes)
         self.history, self.next_iteration, self.elapsed_s = [], 0, 0.0
         share = len(batch_schedule(np.arange(config.num_samples), config.batch_size, ctx.world_size, ctx.rank)[0])
         if self.features is not None:
@@ -265,38 +269,33 @@ class StageTraining:
     def fit(self):
         """The outer iterations of Algorithm 1, then the stage's evaluation and result."""
         stage, config = self.stage, self.config
-        frozen_before = codes_checksum(self.codes[:stage.num_frozen])
+        frozen_before = self.database.frozen_checksum()
         with self.run.checkpoints_landing(stage.name):
             for iteration in range(self.next_iteration, config.max_iter):
                 clock = IterationClock()
                 inject_failure(iteration, self.model, stage.name)
                 sample = sample_positions(config.seed, stage, iteration, config.num_samples)
-                r = self.similarity_offset(sample) if config.soft_similarity else None
+                r = self.database.similarity_offset(sample) if config.soft_similarity else None
                 outputs, positions, losses = self.train_on_sample(sample, r, iteration)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
                 clock.lap("train")
-                code_update = self.update_codes(outputs, positions, r, clock)
+                code_update = self.database.update_codes(outputs, positions, r, clock)
                 record = iteration_record(iteration, lr, losses, clock, code_update,
-                                          images=config.num_samples * config.max_epoch, device=self.codes.device)
+                                          images=config.num_samples * config.max_epoch, device=self.database.device)
                 if self.evaluates_after(iteration):
                     row, _, times = self.evaluate()
                     record.update(evaluation_record(row, times))
                 self.end_iteration(iteration, record, clock.elapsed())
-            frozen_after = codes_checksum(self.codes[:stage.num_frozen])
+            frozen_after = self.database.frozen_checksum()
             if frozen_after != frozen_before:
                 raise RuntimeError(f"stage {stage.name}: the frozen codes changed ({frozen_before} -> {frozen_after})")
             row, query_codes, times = self.evaluate()  # while the last checkpoint lands
         return {"stage": stage.name, "row": row, "iterations": self.history, "train_time_s": self.elapsed_s,
                 "final_eval": times,
                 "frozen_rows": stage.num_frozen, "frozen_checksum_before": frozen_before,
-                "frozen_checksum_after": frozen_after, "codes_checksum": codes_checksum(self.codes),
+                "frozen_checksum_after": frozen_after, "codes_checksum": self.database.checksum(),
                 "resolution": self.resolution, "trunk_features_s": self.features_s}, query_codes
-
-    def similarity_offset(self, sample: torch.Tensor) -> float:
-        """r of the soft similarity S*(1+r)-r over this sample and the stage's database."""
-        return hashing.soft_similarity_offset(self.labels[sample], self.labels,
-                                              db_patterns=(self.patterns, self.pattern_of_row))
 
     def evaluates_after(self, iteration: int) -> bool:
         """--eval-every: an evaluation after this outer iteration (the last one is the stage's own evaluation)."""
@@ -329,14 +328,16 @@ class StageTraining:
 
         Returns this rank's outputs U of the last epoch with their database positions, and the loss terms
         summed over every rank (per item and database entry, for reporting). The hash term's statistics
-        of the fixed codes are computed once here (on every rank: the codes are the same everywhere), so a
-        step costs O(batch c^2) whatever the database size. Everything a step needs from the host (its
-        positions, its augmentation) moves to the device once per epoch, so a step never waits for the
-        host; the loss totals are checked for NaN/inf once per epoch, on every rank alike.
+        of the fixed codes are computed once here (every rank gets the same), so a step costs O(batch c^2)
+        whatever the database size; so are the sampled rows' own codes and label patterns, wherever they are
+        held. Everything a step needs from the host (its positions, its augmentation) moves to the device
+        once per epoch, so a step never waits for the host; the loss totals are checked for NaN/inf once per
+        epoch, on every rank alike.
         """
         ctx, config, stage = comm.context(), self.config, self.stage
         num_samples, n = sample.shape[0], stage.num_database
-        stats = hashing.hash_term_stats(self.codes, self.patterns, self.pattern_of_row, r)
+        stats = self.database.hash_term_stats(r)
+        sampled = self.database.sample_rows(sample)
         global_sizes = [end - start
                         for start, end in global_batch_bounds(num_samples, config.batch_size, ctx.world_size)]
         by_position = np.argsort(sample.numpy())  # the slot of a position, without an n-sized table
@@ -349,7 +350,7 @@ class StageTraining:
             positions, step_sizes = batch_schedule(order, config.batch_size, ctx.world_size, ctx.rank)
             params = augment_params[slot_of(positions)].to(ctx.device)
             on_device = torch.from_numpy(positions).to(ctx.device)
-            batch_patterns = self.pattern_of_row[on_device]
+            batch_patterns = sampled.patterns_at(on_device)
             starts = np.cumsum([0] + step_sizes)
             self.loader.set_order(positions, step_sizes)
             epoch_totals, kept_outputs = torch.zeros_like(totals), []
@@ -364,7 +365,7 @@ class StageTraining:
                     outputs = self.model(images).float()
                 bit_sums = comm.differentiable_all_reduce_sum(outputs.sum(dim=0)) if stage.mu > 0 else None
                 hash_term = hashing.factorized_hash_loss(outputs, batch_patterns[batch], stats)
-                loss, terms = hashing.batch_loss(outputs, hash_term, self.codes[on_device[batch]], bit_sums,
+                loss, terms = hashing.batch_loss(outputs, hash_term, sampled.codes_at(on_device[batch]), bit_sums,
                                                  gamma=config.gamma, mu=stage.mu, num_database=n,
                                                  global_batch=global_sizes[step], world_size=ctx.world_size)
                 self.precision.step(loss, self.optimizer)
@@ -388,37 +389,9 @@ class StageTraining:
                 f"checkpoint is kept")
         return epoch_totals
 
-    def update_codes(self, outputs: torch.Tensor, positions: torch.Tensor, r: Optional[float],
-                     clock: IterationClock) -> dict:
-        """Every rank's U gathered; rank 0 solves DCC for the learned rows and every rank receives the new codes
-        packed. Laps the clock (gather, dcc, broadcast); returns what the update sent and changed."""
-        stage, codes = self.stage, self.codes
-        all_outputs, all_positions = comm.gather_rows(outputs.float()), comm.gather_rows(positions)
-        clock.lap("gather")
-        learned_before = codes[stage.num_frozen:]
-        learned_rows = all_positions - stage.num_frozen  # negative: a sampled frozen row
-
-        def solve() -> torch.Tensor:
-            return dcc.solve_dcc(learned_before, all_outputs, self.labels[all_positions],
-                                 self.labels[stage.num_frozen:], torch.where(learned_rows >= 0, learned_rows, -1),
-                                 self.config.gamma, r, db_patterns=self.learned_patterns)
-
-        def receive(solved: Optional[torch.Tensor]):
-            clock.lap("dcc")  # on rank 0 the solve; the other ranks wait for it in the broadcast
-            return comm.broadcast_codes(solved, learned_before.shape[0], self.config.code_length)
-
-        learned, sent = comm.rank0_computes(solve, receive)
-        clock.lap("broadcast")
-        learned = learned.to(codes.dtype)
-        changed = (learned != learned_before).float().mean().item()
-        codes[stage.num_frozen:] = learned
-        return {"broadcast_bytes": sent, "bits_changed": changed,
-                # 0 when every bit splits the learned codes half and half, 1 when a bit is constant
-                "bit_imbalance": learned.float().mean(dim=0).abs().mean().item()}
-
     def evaluate(self):
         """The stage's retrieval row (the same on every rank): its model's query codes against its codes.
-        Returns (row, query codes, the times of the sharded query encoding and of rank 0's metrics)."""
+        Returns (row, query codes, the times of the sharded query encoding and of the metrics)."""
         started = time.perf_counter()
         if self.features is not None:  # the head on the cached query features: the network's codes, trunk and all
             query_codes = encode_batches(comm.unwrap(self.model), [(self.features["query"],)], self.precision.autocast)
@@ -427,16 +400,15 @@ class StageTraining:
                                  self.channels_last)
         encoded = time.perf_counter()  # encode ends in a gather: every rank's shard is done
         query_labels = torch.from_numpy(self.data.query_labels).to(query_codes.device)
-        row = comm.rank0_decides(lambda: metrics.retrieval_row(
-            query_codes, self.codes.to(torch.int8), query_labels, self.labels, self.data.num_seen, self.config.topk,
-            self.config.precision_k))
+        row = self.database.retrieval_row(query_codes, query_labels)
         return row, query_codes, {"eval_encode_s": encoded - started, "eval_metrics_s": time.perf_counter() - encoded}
 
     def checkpoint(self, background: bool = False) -> None:
         rng = comm.gather_rng_states()
         self.run.save_checkpoint(self.stage.name, background=background, state={
             "stage": self.stage.name, "iteration": self.next_iteration - 1, "model": self.network,
-            "optimizer": self.optimizer, "scheduler": self.scheduler, "codes": self.codes.to("cpu", torch.int8),
+            "optimizer": self.optimizer, "scheduler": self.scheduler,
+            **self.database.checkpoint_codes(self.run, self.next_iteration - 1),
             "history": self.history, "elapsed_s": self.elapsed_s, "rng": rng,
             "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None})
 
@@ -445,7 +417,7 @@ class StageTraining:
                                                  optimizer=self.optimizer, scheduler=self.scheduler)
         if checkpoint is None:
             return
-        self.codes = checkpoint["codes"].to(self.codes.device, torch.float32)
+        self.database.restore_codes(self.run, checkpoint)
         self.history, self.elapsed_s = checkpoint["history"], checkpoint["elapsed_s"]
         self.next_iteration = checkpoint["iteration"] + 1
         if self.precision.scaler is not None and checkpoint.get("scaler"):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from loguru import logger
 
-from ..common.atomic import atomic_write_bytes, atomic_write_json
+from ..common.atomic import atomic_write_bytes, atomic_write_json, fsync_file
 from ..common.codes import pack_codes
 from ..common.errors import cannot_create
 from ..common.formats import (
@@ -395,17 +395,82 @@ class RunFolder:
             return None
         return {k: v for k, v in cached.items() if k != "key"}
 
-    def save_stage(self, stage: str, model_state: dict, database_codes: torch.Tensor,
+    def save_stage(self, stage: str, model_state: dict, database_codes: Optional[torch.Tensor],
                    query_codes: torch.Tensor, result: dict) -> None:
+        """The stage's files, result.json last (it marks the stage finished). database_codes None: written
+        already from the shards (save_database_codes_from_shards)."""
         if comm.context().is_main:
-            codes = database_codes.detach().to("cpu", torch.int8).numpy()
             atomic_torch_save(self.path(stage, "model.pt"), model_state)
-            atomic_save_numpy(self.path(stage, "database_codes.npy"), codes)
-            atomic_save_numpy(self.path(stage, "database_codes.packed.npy"), pack_codes(codes))
+            if database_codes is not None:
+                codes = database_codes.detach().to("cpu", torch.int8).numpy()
+                atomic_save_numpy(self.path(stage, "database_codes.npy"), codes)
+                atomic_save_numpy(self.path(stage, "database_codes.packed.npy"), pack_codes(codes))
             atomic_save_numpy(self.path(stage, "query_codes.npy"),
                               query_codes.detach().to("cpu", torch.int8).numpy())
             atomic_write_json(self.path(stage, "result.json"), result)
         comm.barrier()
+
+    def save_database_codes_from_shards(self, stage: str, shard: torch.Tensor, first_row: int,
+                                        num_rows: int) -> None:
+        """database_codes.npy and its packed form written by every rank, each its own rows: rank 0 creates
+        each file at a temp name with its final size, every rank writes its rows into it (a numpy memmap) and
+        fsyncs, and rank 0 renames it into place once every rank is done. No rank holds more than its rows,
+        and the name never shows a half-written file (a crash leaves a temp file that the next start
+        removes)."""
+        codes = shard.detach().to("cpu", torch.int8).numpy()
+        arrays = {"database_codes.npy": codes, "database_codes.packed.npy": pack_codes(codes)}
+        temps = {name: self.path(stage, f".{name}.shards.tmp") for name in arrays}
+
+        def create() -> None:
+            self.path(stage).mkdir(parents=True, exist_ok=True)
+            for name, array in arrays.items():
+                np.lib.format.open_memmap(temps[name], mode="w+", dtype=array.dtype,
+                                          shape=(num_rows,) + array.shape[1:]).flush()
+
+        comm.rank0_decides(create)
+        for name, array in arrays.items():
+            if array.shape[0]:
+                target = np.lib.format.open_memmap(temps[name], mode="r+")
+                target[first_row:first_row + array.shape[0]] = array
+                target.flush()
+                del target
+            fsync_file(temps[name])
+        comm.barrier()
+        if comm.context().is_main:
+            for name in arrays:
+                os.replace(temps[name], self.path(stage, name))
+        comm.barrier()
+
+    def codes_checkpoint_path(self, stage: str, iteration: int) -> Path:
+        """The folder of a sharded run's codes after an outer iteration (0-based), beside the checkpoint
+        that names it."""
+        return self.path("checkpoints", f"{stage}.codes.it{iteration + 1}")
+
+    def save_codes_checkpoint(self, stage: str, iteration: int, shard: torch.Tensor, first_row: int) -> str:
+        """Every rank's rows of the codes (torch.distributed.checkpoint, one file a rank, the folder renamed
+        into place when complete); returns the folder's name, for the checkpoint to record."""
+        folder = self.codes_checkpoint_path(stage, iteration)
+        comm.save_rank_tensors({f"rows_{first_row}_{first_row + shard.shape[0]}": shard.to(torch.int8)}, folder)
+        return folder.name
+
+    def load_codes_checkpoint(self, name: str, first_row: int, end_row: int) -> torch.Tensor:
+        """This rank's rows [first_row, end_row) of a codes folder that save_codes_checkpoint wrote, from
+        whatever world size wrote it."""
+        folder = self.path("checkpoints", name)
+        if not folder.is_dir():
+            raise ValueError(f"--resume: {folder}, which holds the codes of the checkpoint of stage "
+                             f"{name.split('.codes.')[0]}, is missing; delete {self.path('checkpoints')}/"
+                             f"{name.split('.codes.')[0]}.pt to start that stage again from its first outer iteration")
+        return comm.load_rank_rows(folder, first_row, end_row)
+
+    def remove_codes_checkpoints(self, stage: str, keep) -> None:
+        """Rank 0 removes the stage's codes folders (and their temp folders) that no checkpoint names any more."""
+        if not comm.context().is_main:
+            return
+        import shutil
+        for folder in self.path("checkpoints").glob(f"{stage}.codes.it*"):
+            if folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def write_metrics(self) -> dict:
         """metrics.json from every finished stage of the run, whichever command finished it (read and
