@@ -1,6 +1,7 @@
-"""--shard-database on (issue 23): the training loop with the database split by rows over the processes ends
+"""--shard-database on: the training loop with the database split by rows over the processes ends
 with the codes of --shard-database off bit for bit and its metrics to 1e-9, under torchrun with 1, 2 and 3
-gloo processes, in stage 1, in stage 2 (B_old ends inside a shard: 420 of 600 rows, 72 of 90) and on
+gloo processes (against one process with off: the small CNN's N processes follow the one-process
+trajectory, test_distributed), in stage 1, in stage 2 (B_old ends inside a shard: 420 of 600 rows, 72 of 90) and on
 multi-label data; a sharded run's checkpoint (torch.distributed.checkpoint, one file a rank) resumes to the
 uninterrupted run's codes, on the same and on another world size."""
 import json
@@ -35,23 +36,30 @@ def assert_same_codes_and_metrics(off, on):
             assert got["row"][key] == pytest.approx(value, rel=0, abs=1e-9), (stage, key)
 
 
-def run_both(nproc, data, folder, *extra):
-    runs = {}
-    for mode in ("off", "on"):
-        out = folder / mode
-        result = torchrun(nproc, data, out, *SHORT, "--shard-database", mode, *extra, timeout=TIMEOUT)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[mode] = out
-    return runs["off"], runs["on"]
+def run(nproc, data, out, mode, *extra):
+    result = torchrun(nproc, data, out, *SHORT, "--shard-database", mode, *extra, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def rank0_path(tiny_prepared, tmp_path_factory):
+    """The reference of every process count: one process, --shard-database off."""
+    return run(1, tiny_prepared, tmp_path_factory.mktemp("shard-off") / "off", "off")
+
+
+@pytest.fixture(scope="module")
+def rank0_path_multi_label(tiny_nus, tmp_path_factory):
+    return run(1, tiny_nus, tmp_path_factory.mktemp("shard-off-nus") / "off", "off", "--augment", "none")
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 3])
-def test_sharded_database_gives_the_rank0_paths_codes_and_metrics(nproc, tiny_prepared, tmp_path):
-    off, on = run_both(nproc, tiny_prepared, tmp_path)
-    assert_same_codes_and_metrics(off, on)
+def test_sharded_database_gives_the_rank0_paths_codes_and_metrics(nproc, rank0_path, tiny_prepared, tmp_path):
+    on = run(nproc, tiny_prepared, tmp_path / "on", "on")
+    assert_same_codes_and_metrics(rank0_path, on)
     log = (on / "train.log").read_text()
     assert f"the database is split by rows over {nproc} processes" in log
-    assert "split by rows" not in (off / "train.log").read_text()
+    assert "split by rows" not in (rank0_path / "train.log").read_text()
     # each rank checkpointed only its rows; the checkpoint file keeps no codes
     folders = sorted((on / "checkpoints").glob("original.codes.it*"))
     assert [f.name for f in folders] == ["original.codes.it1", "original.codes.it2"]
@@ -60,9 +68,9 @@ def test_sharded_database_gives_the_rank0_paths_codes_and_metrics(nproc, tiny_pr
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
-def test_sharded_database_on_multi_label_data(nproc, tiny_nus, tmp_path):
-    off, on = run_both(nproc, tiny_nus, tmp_path, "--augment", "none")
-    assert_same_codes_and_metrics(off, on)
+def test_sharded_database_on_multi_label_data(nproc, rank0_path_multi_label, tiny_nus, tmp_path):
+    on = run(nproc, tiny_nus, tmp_path / "on", "on", "--augment", "none")
+    assert_same_codes_and_metrics(rank0_path_multi_label, on)
 
 
 def test_auto_keeps_small_databases_on_the_rank0_path(tiny_prepared, tmp_path):
