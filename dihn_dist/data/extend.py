@@ -43,6 +43,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from loguru import logger
 
+from ..common.digest import file_sha256
 from ..common.formats import ITEM_PATH_FILES, MANIFEST, PREPARED_FORMAT, classes_so_far, folder_kind
 from .manifest import (
     CLASS_ROUND_DATASETS,
@@ -50,7 +51,6 @@ from .manifest import (
     log_written,
     round_record,
     save_preparation,
-    sha256_of,
     source_records,
 )
 from .parts import ITEM_DIGEST_FILES, PARTS, InheritedPart, read_back_parts, widened, write_parts_skipping_bad
@@ -357,7 +357,7 @@ def old_rounds(old: OldPreparation) -> List[dict]:
 def extends_record(old: OldPreparation) -> dict:
     """What NEW says about OLD: enough to find it and to tell whether it is still the folder NEW was made from."""
     manifest = old.manifest
-    return {"path": str(old.root.resolve()), "manifest_sha256": sha256_of(old.root / MANIFEST),
+    return {"path": str(old.root.resolve()), "manifest_sha256": file_sha256(old.root / MANIFEST),
             "dataset": manifest["dataset"], "num_database": old.data.num_database, "num_query": old.data.num_query,
             "num_classes": old.data.num_classes, "num_classes_so_far": old.classes_so_far,
             "num_inherited": {"database": old.data.num_database, "query": old.data.num_query},

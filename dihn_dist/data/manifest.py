@@ -4,7 +4,6 @@ fingerprint, the stored image sizes) and the summaries prepare prints.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import time
@@ -16,6 +15,7 @@ import numpy as np
 from loguru import logger
 
 from .. import __version__
+from ..common.digest import file_sha256
 from ..common.formats import (
     FINGERPRINT_SCHEME,
     FOLDER_MARKER,
@@ -44,16 +44,8 @@ CLASS_ROUND_DATASETS = ("fashion-mnist", "cifar-10")
 # Manifest
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_sha256_or_none(path: Path) -> Optional[str]:
-    return sha256_of(path) if path.is_file() else None
+    return file_sha256(path) if path.is_file() else None
 
 
 def class_counts(labels: np.ndarray) -> Dict[str, object]:
@@ -108,7 +100,7 @@ class Contents:
 
 
 def source_records(dataset: SourceDataset) -> List[Dict[str, object]]:
-    return [{"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+    return [{"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
             for path in dataset.source_files]
 
 

@@ -6,7 +6,6 @@ ship inside PyPI wheels), --pretrained PATH a local state dict, --pretrained non
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import re
 from contextlib import nullcontext
@@ -18,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from ..common.digest import file_sha256
 from ..common.errors import UsageError
 
 LITE_ARCHITECTURES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
@@ -55,14 +55,6 @@ class Weights:
 
     def to_json(self) -> dict:
         return {"file": str(self.file), "sha256": self.sha256, "source": self.source}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # torch hub's naming: NAME-<first hex digits of the file's sha256>.pth

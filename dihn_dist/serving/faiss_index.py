@@ -57,6 +57,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..common.atomic import fsync_file, temp_beside
+from ..common.digest import file_sha256
 from ..common.codes import BIT_ORDER, pack_codes, unpack_codes  # noqa: F401 - export and retrieve use faiss_index.pack_codes
 from ..common.errors import UsageError
 from ..common.formats import read_json_object
@@ -289,11 +290,7 @@ def previous_path(index_path) -> Path:
 
 def file_record(path: Path) -> Dict[str, Any]:
     """The sidecar's "index_file": the index file's size and sha256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def write_index(index, path, sidecar: dict) -> dict:
