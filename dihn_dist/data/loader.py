@@ -184,6 +184,21 @@ def check_resolution(resolution: int) -> None:
 # Training loader: one FFCV Loader per stage, its order swapped in place each epoch
 
 
+def checked_order(positions, step_sizes: Sequence[int], length: int, num_rows: int) -> np.ndarray:
+    """An epoch's order for a loader built for `length` positions of a table of `num_rows` rows: the
+    positions as an array, or the error naming what is wrong."""
+    positions = np.asarray(positions)
+    if positions.shape != (length,):
+        raise ValueError(f"set_order: expected {length} positions (the length this loader was built for), "
+                         f"got shape {positions.shape}")
+    if sum(step_sizes) != length or min(step_sizes, default=0) < 1:
+        raise ValueError(f"set_order: step sizes must be positive and sum to {length}, "
+                         f"got {len(step_sizes)} steps summing to {sum(step_sizes)}")
+    if positions.min() < 0 or positions.max() >= num_rows:
+        raise ValueError(f"set_order: positions must lie in 0..{num_rows - 1}")
+    return positions
+
+
 class TrainLoader:
     """Loads given database positions in a given order, in batches of given sizes.
 
@@ -211,16 +226,7 @@ class TrainLoader:
         self.step_sizes: Optional[List[int]] = None
 
     def set_order(self, positions: np.ndarray, step_sizes: Sequence[int]) -> None:
-        positions = np.asarray(positions)
-        if positions.shape != (self.length,):
-            raise ValueError(f"set_order: expected {self.length} positions (the length this loader was built "
-                             f"for), got shape {positions.shape}")
-        if sum(step_sizes) != self.length or min(step_sizes, default=0) < 1:
-            raise ValueError(f"set_order: step sizes must be positive and sum to {self.length}, "
-                             f"got {len(step_sizes)} steps summing to {sum(step_sizes)}")
-        if positions.min() < 0 or positions.max() >= self.data.num_database:
-            raise ValueError(f"set_order: positions must lie in 0..{self.data.num_database - 1}")
-        indices = positions.astype(np.uint64)
+        indices = checked_order(positions, step_sizes, self.length, self.data.num_database).astype(np.uint64)
         self.loader.indices = indices
         self.loader.traversal_order.indices = indices
         self.step_sizes = list(step_sizes)
@@ -251,12 +257,7 @@ class FeatureRows:
         self.step_sizes: Optional[List[int]] = None
 
     def set_order(self, positions: np.ndarray, step_sizes: Sequence[int]) -> None:
-        positions = np.asarray(positions)
-        if positions.shape != (self.length,) or sum(step_sizes) != self.length or min(step_sizes, default=0) < 1:
-            raise ValueError(f"set_order: expected {self.length} positions in positive steps summing to "
-                             f"{self.length}, got shape {positions.shape} in steps summing to {sum(step_sizes)}")
-        if positions.min() < 0 or positions.max() >= self.table.shape[0]:
-            raise ValueError(f"set_order: positions must lie in 0..{self.table.shape[0] - 1}")
+        positions = checked_order(positions, step_sizes, self.length, self.table.shape[0])
         self.positions = torch.from_numpy(positions.astype(np.int64)).to(self.table.device)
         self.step_sizes = list(step_sizes)
 
