@@ -408,3 +408,114 @@ def test_retrieval_row_from_one_ranking_equals_the_separate_metrics(backend):
         assert row["map_incremental_queries"] == pytest.approx(float(aps[new].mean()), abs=1e-12)
         assert row["map_original_queries"] == pytest.approx(float(aps[~new].mean()), abs=1e-12)
         assert (row["topk"], row["num_queries"], row["num_database"]) == (50, 40, 700)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded metrics: both back ends, both label forms
+
+def as_patterns(labels, id_dtype=torch.int64):
+    """labels as a (patterns, pattern_ids) pair, the patterns in first-appearance order (not sorted)."""
+    rows = [tuple(r) for r in labels.tolist()]
+    table = list(dict.fromkeys(rows))
+    return torch.tensor(table, dtype=torch.bool).reshape(-1, labels.shape[1]), \
+        torch.tensor([table.index(r) for r in rows], dtype=id_dtype)
+
+
+def shard_pieces(qc, dc, ql, dl, sizes, topk, precision_k, form="rows", chunk_rows=None):
+    """Per shard: shard_distance_counts and shard_rank_sums, shards of `sizes` rows in row order."""
+    bounds = np.cumsum([0] + list(sizes)).tolist()
+    shards = []
+    for a, b in zip(bounds, bounds[1:]):
+        labels = dl[a:b]
+        if form != "rows":  # one table for every shard, as the ranks share it
+            patterns, ids = as_patterns(dl, torch.int32 if form == "patterns32" else torch.int64)
+            labels = (patterns.float() if form == "patterns" else patterns, ids[a:b])
+        shards.append((dc[a:b], labels))
+    counts = [M.shard_distance_counts(qc, c, ql, labels, chunk_rows) for c, labels in shards]
+    total = torch.stack(counts).sum(dim=0)
+    before = [sum(counts[:i], torch.zeros_like(total)) for i in range(len(counts))]
+    sums = [M.shard_rank_sums(qc, c, ql, labels, total, b, topk, precision_k, chunk_rows)
+            for (c, labels), b in zip(shards, before)]
+    return counts, total, sums
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
+@pytest.mark.parametrize("topk", [None, 7])
+def test_shard_backends_and_label_forms_agree(monkeypatch, multi, topk):
+    """numpy and torch, labels per row or as patterns: the same counts and integer columns, and the float
+    columns to 1e-12 relative; 5 bits over 90 rows ties everywhere, one shard is empty."""
+    g = gen(14 if multi else 15)
+    qc, dc = codes(11, 5, g), codes(90, 5, g)
+    ql = multi_hot(11, 6, g) if multi else one_hot(11, 4, g)
+    dl = multi_hot(90, 6, g) if multi else one_hot(90, 4, g)
+    sizes = [31, 0, 44, 15]
+    results = {}
+    for backend in ("torch", "numpy"):
+        monkeypatch.setattr(M, "CPU_BACKEND", backend)
+        for form in ("rows", "patterns", "patterns32", "bool_patterns"):
+            for chunk_rows in (None, 3):
+                results[backend, form, chunk_rows] = shard_pieces(qc, dc, ql, dl, sizes, topk, 9, form, chunk_rows)
+    expected_counts, _, expected_sums = results["torch", "rows", None]
+    assert all(not s.any() for s in (expected_counts[1], expected_sums[1]))  # the empty shard
+    assert expected_sums[0][:, 0].sum() > 0 and expected_sums[2][:, 3].sum() > 0
+    for key, (counts, _, sums) in results.items():
+        for got, expected in zip(counts, expected_counts):
+            assert got.dtype == torch.int64 and torch.equal(got, expected), key
+        for got, expected in zip(sums, expected_sums):
+            assert got.dtype == torch.float64 and torch.equal(got[:, 2:], expected[:, 2:]), key
+            torch.testing.assert_close(got[:, :2], expected[:, :2], rtol=1e-12, atol=0, msg=str(key))
+
+
+@pytest.mark.parametrize("form", ["rows", "patterns"])
+def test_three_shards_give_the_whole_retrieval_row(backend, form):
+    g = gen(16)
+    qc, dc = codes(17, 8, g), codes(150, 8, g)
+    ql, dl = multi_hot(17, 5, g), multi_hot(150, 5, g)
+    for topk, precision_k in ((None, 20), (25, 6)):
+        counts, total, sums = shard_pieces(qc, dc, ql, dl, [40, 70, 40], topk, precision_k, form, chunk_rows=4)
+        row = M.sharded_retrieval_row(total, sum(sums), ql, 3, topk, precision_k)
+        expected = M.retrieval_row(qc, dc, ql, dl, 3, topk, precision_k)
+        assert row.keys() == expected.keys()
+        for key, value in expected.items():
+            assert row[key] == (pytest.approx(value, rel=1e-12, abs=0) if isinstance(value, float) else value), key
+
+
+def test_shard_label_pattern_errors(backend):
+    qc, dc, ql, dl = hand_case()
+    patterns, ids = as_patterns(dl)
+    total = M.shard_distance_counts(qc, dc, ql, dl)
+    cases = [
+        ("shard_labels pattern_ids", (patterns, ids + 1)),  # the last id is out of range
+        ("shard_labels pattern_ids", (patterns, ids - 1)),
+        ("shard_labels pattern_ids", (patterns, ids[:-1])),
+        ("shard_labels pattern_ids", (patterns, ids.float())),
+        ("shard_labels patterns", (patterns[:, :2], ids)),
+        ("shard_labels patterns", (patterns.float() * 2, ids)),
+        ("shard_labels", (patterns, ids, ids)),
+    ]
+    for name, labels in cases:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            M.shard_distance_counts(qc, dc, ql, labels)
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            M.shard_rank_sums(qc, dc, ql, labels, total, total * 0, None, 2)
+    with pytest.raises(ValueError, match="^db_labels:"):  # the one-process metrics take labels per row only
+        M.average_precisions(qc, dc, ql, (patterns, ids))
+
+
+def test_shard_metrics_on_cuda_match_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    g = gen(17)
+    qc, dc, ql, dl = codes(9, 10, g), codes(120, 10, g), multi_hot(9, 5, g), multi_hot(120, 5, g)
+    patterns, ids = as_patterns(dl, torch.int32)
+    for labels in (dl, (patterns, ids)):
+        for device in ("cpu", "cuda"):
+            on = lambda x: tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)  # noqa: E731
+            counts = M.shard_distance_counts(qc.to(device), dc.to(device), ql.to(device), on(labels))
+            sums = M.shard_rank_sums(qc.to(device), dc.to(device), ql.to(device), on(labels), counts,
+                                     torch.zeros_like(counts), 30, 10)
+            assert counts.device.type == sums.device.type == device
+            if device == "cpu":
+                expected = counts, sums
+        assert torch.equal(counts.cpu(), expected[0]) and torch.equal(sums.cpu()[:, 2:], expected[1][:, 2:])
+        torch.testing.assert_close(sums.cpu()[:, :2], expected[1][:, :2], rtol=1e-12, atol=0)

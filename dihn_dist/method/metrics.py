@@ -15,17 +15,23 @@ Two interchangeable ranking back ends compute the same thing (the tests check th
   AND of packed label masks gathered in rank order, and AP needs only the ranks of the hits:
   AP = (1/H) sum_i i / rank_i over the H hits in the top k. Chunks run on a thread pool (numpy releases
   the GIL in all of these), one thread per torch intra-op thread.
+The sharded metrics at the end (shard_distance_counts, shard_rank_sums) choose between the same back ends
+the same way. In numpy one bincount of (query, distance, relevant) keys gives the per-distance counts, the
+same stable radix argsort orders the shard, and the rank sums touch only the hits: a hit's global rank and
+hit number are its position plus an offset per (query, distance), and the per-query sums are np.add.reduceat
+over each query's run of hits. Their shard labels may be a (patterns, pattern_ids) pair: relevance is then
+computed once per pattern (a matrix product, or the packed-mask AND) and gathered by the ids.
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..common.formats import is_incremental
-from .hashing import check_codes, check_labels, check_nonempty, check_rows, describe_tensor
+from .hashing import _check_pattern_ids, check_codes, check_labels, check_nonempty, check_rows, describe_tensor
 
 # Query rows per chunk are chosen so one chunk's query x database matrices stay near this many entries.
 CHUNK_ENTRIES = 1 << 24
@@ -48,7 +54,8 @@ def relevance(query_labels: torch.Tensor, db_labels: torch.Tensor) -> torch.Tens
 
 def _validate(query_codes, db_codes, query_labels, db_labels, db: str = "db") -> None:
     """The inputs' shapes and values; `db` names the database side in the errors ("shard": a shard of it,
-    which, unlike the whole database, may hold no rows)."""
+    which, unlike the whole database, may hold no rows, and whose labels may be a (patterns, pattern_ids)
+    pair). Pattern ids on a CUDA device are not range-checked here (that would sync; the indexing fails)."""
     check_codes("query_codes", query_codes)
     check_nonempty("query_codes", query_codes)
     check_codes(f"{db}_codes", db_codes, query_codes.shape[1])
@@ -57,8 +64,21 @@ def _validate(query_codes, db_codes, query_labels, db_labels, db: str = "db") ->
     check_labels("query_labels", query_labels)
     check_nonempty("query_labels", query_labels)
     check_rows("query_labels", query_labels, query_codes.shape[0], "query_codes")
+    if db == "shard" and isinstance(db_labels, tuple):
+        if len(db_labels) != 2:
+            raise ValueError(f"shard_labels: expected a label matrix or a (patterns, pattern_ids) pair, "
+                             f"got a tuple of {len(db_labels)}")
+        check_labels("shard_labels patterns", db_labels[0], query_labels.shape[1])
+        _check_pattern_ids("shard_labels pattern_ids", db_labels[1], db_codes.shape[0], db_labels[0].shape[0],
+                           "shard_codes")
+        return
     check_labels(f"{db}_labels", db_labels, query_labels.shape[1])
     check_rows(f"{db}_labels", db_labels, db_codes.shape[0], f"{db}_codes")
+
+
+def _as_patterns(labels):
+    """(label rows, row -> label row or None): labels given per row, or as a (patterns, pattern_ids) pair."""
+    return labels if isinstance(labels, tuple) else (labels, None)
 
 
 def _resolve_topk(topk: Optional[int], num_database: int) -> int:
@@ -126,15 +146,20 @@ def _as_bits(tensor: torch.Tensor, positive_is_one: bool) -> np.ndarray:
 
 
 class _NumpyRanker:
-    """Packed codes and labels of one call; rank(rows, topk) gives the relevance in rank order."""
+    """Packed codes and labels of one call; rank(rows, topk) gives the relevance in rank order.
+
+    db_labels may be a (patterns, pattern_ids) pair: then only the patterns are packed, and a chunk's
+    relevance is computed once per pattern and gathered by the ids."""
 
     def __init__(self, query_codes, db_codes, query_labels=None, db_labels=None):
         self.code_length = query_codes.shape[1]
         self.query_words = _pack_rows(_as_bits(query_codes, True))
         self.db_words = _pack_rows(_as_bits(db_codes, True))
         if query_labels is not None:  # ranking by distance alone needs no labels
+            patterns, ids = _as_patterns(db_labels)
             self.query_masks = _pack_rows(_as_bits(query_labels, False))
-            self.db_masks = _pack_rows(_as_bits(db_labels, False))
+            self.db_masks = _pack_rows(_as_bits(patterns, False))
+            self.pattern_ids = None if ids is None else ids.detach().cpu().numpy().astype(np.intp, copy=False)
 
     def distances(self, rows: slice) -> np.ndarray:
         """Exact Hamming distances of a chunk of queries (uint8, or uint16 beyond 255 bits)."""
@@ -148,6 +173,15 @@ class _NumpyRanker:
 
     def relevance(self, rows: slice, columns=None) -> np.ndarray:
         """Relevance of a chunk of queries to the database (bool), or to db rows `columns` per query."""
+        if self.pattern_ids is not None:
+            per_pattern = self._shares(rows, None)
+            if columns is None:
+                return np.take(per_pattern, self.pattern_ids, axis=1)
+            return np.take_along_axis(per_pattern, self.pattern_ids[columns], axis=1)
+        return self._shares(rows, columns)
+
+    def _shares(self, rows: slice, columns) -> np.ndarray:
+        """A chunk of queries shares a label with each packed mask (or with masks `columns` per query)."""
         relevant = None
         for w in range(self.db_masks.shape[1]):
             db = self.db_masks[:, w] if columns is None else self.db_masks[:, w][columns]
@@ -161,16 +195,18 @@ class _NumpyRanker:
         order = np.argsort(distances, axis=1, kind="stable")[:, :topk]
         return self.relevance(rows, order)
 
-    def radius_counts(self, rows: slice) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per query of the chunk: items and relevant items at each distance 0..c, relevant items in all."""
-        distances = self.distances(rows).astype(np.int64)
-        relevant = self.relevance(rows)
-        bins = self.code_length + 1
-        flat = distances + (np.arange(distances.shape[0], dtype=np.int64) * bins)[:, None]
-        size = distances.shape[0] * bins
-        retrieved = np.bincount(flat.ravel(), minlength=size).reshape(-1, bins)
-        hits = np.bincount(flat[relevant], minlength=size).reshape(-1, bins)
-        return retrieved, hits, np.count_nonzero(relevant, axis=1)
+    def counts(self, rows: slice) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distances, relevance, rows x 2 x (c+1) int64 counts) of a chunk of queries: per query and
+        distance 0..c, the items ([:, 0]) and the relevant items ([:, 1]) at that distance."""
+        distances, relevant = self.distances(rows), self.relevance(rows)
+        num_rows, bins = distances.shape[0], self.code_length + 1
+        # One bincount of the key (query, distance, relevant) counts both, with no masked copy of the hits.
+        key = distances.astype(np.int64)
+        key += (np.arange(num_rows, dtype=np.int64) * bins)[:, None]
+        key <<= 1
+        key |= relevant
+        pairs = np.bincount(key.ravel(), minlength=num_rows * bins * 2).reshape(num_rows, bins, 2)
+        return distances, relevant, np.stack([pairs.sum(axis=2), pairs[:, :, 1]], axis=1)
 
 
 def _numpy_average_precisions(ranked: np.ndarray) -> np.ndarray:
@@ -186,11 +222,18 @@ def _numpy_average_precisions(ranked: np.ndarray) -> np.ndarray:
     ranks = positions - np.repeat(np.arange(num_rows, dtype=np.int64) * k - 1, num_hits)
     hit_numbers = np.arange(1, positions.size + 1, dtype=np.int64) - np.repeat(first, num_hits)
     ratios = hit_numbers / ranks  # float64
-    has_hits = num_hits > 0
-    totals = np.zeros(num_rows, dtype=np.float64)
-    if positions.size:
-        totals[has_hits] = np.add.reduceat(ratios, first[has_hits])
-    return np.where(has_hits, totals / np.maximum(num_hits, 1), 0.0)
+    return np.where(num_hits > 0, _segment_sums(ratios, num_hits) / np.maximum(num_hits, 1), 0.0)
+
+
+def _segment_sums(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """float64 sums of consecutive runs of values, lengths[i] of them in run i (an empty run sums to 0).
+
+    reduceat, not a weighted bincount: several times faster, and summed in order within each run."""
+    sums = np.zeros(lengths.shape[0], dtype=np.float64)
+    if values.size:
+        nonempty = lengths > 0
+        sums[nonempty] = np.add.reduceat(values, (np.cumsum(lengths) - lengths)[nonempty], dtype=np.float64)
+    return sums
 
 
 def _numpy_map(fn: Callable, query_codes, db_codes, query_labels, db_labels, topk, chunk_rows) -> List:
@@ -301,8 +344,8 @@ def precision_recall_by_radius(query_codes: torch.Tensor, db_codes: torch.Tensor
     code_length = query_codes.shape[1]
     if _backend(query_codes) == "numpy":
         def per_chunk(ranker, rows):
-            retrieved, hits, num_relevant = ranker.radius_counts(rows)
-            retrieved, hits = retrieved.cumsum(axis=1), hits.cumsum(axis=1)
+            counts = ranker.counts(rows)[2].cumsum(axis=2)
+            retrieved, hits, num_relevant = counts[:, 0], counts[:, 1], counts[:, 1, -1]
             precision = np.where(retrieved > 0, hits / np.maximum(retrieved, 1), 0.0).sum(axis=0)
             recall = np.where(num_relevant[:, None] > 0, hits / np.maximum(num_relevant, 1)[:, None], 0.0)
             return precision, recall.sum(axis=0)
@@ -387,14 +430,30 @@ def _row(aps_all, aps_topk, hits, query_labels, num_seen, topk, precision_k, n) 
 # over shards are the AP numerators. Counts and ranks are exact integers; only the float sum of the ratios
 # is associated differently from the one-process ranking (differences of order 1e-16 relative).
 
-# Query rows per chunk: several int64 query x shard matrices live at once.
+# Query rows per chunk of the torch back end: several int64 query x shard matrices live at once.
 SHARD_CHUNK_ENTRIES = 1 << 21
+
+# A shard's labels: a row per item, or (patterns P x L, pattern_ids of the rows), item i labelled
+# patterns[pattern_ids[i]]: multi-label data repeats a few thousand patterns over millions of rows.
+ShardLabels = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _shard_inputs(query_codes, shard_codes, query_labels, shard_labels):
+    """The torch back end's shard side on the query codes' device, labels as (patterns, int64 ids or None)."""
+    device = query_codes.device
+    patterns, ids = _as_patterns(shard_labels)
+    return (shard_codes.to(device), query_labels.to(device),
+            (patterns.to(device), None if ids is None else ids.to(device, torch.long)))
 
 
 def _shard_chunk(query_codes, shard_codes, query_labels, shard_labels, rows):
-    """(distances int64, relevance bool, per-distance counts q x 2 x (c+1)) of a chunk of queries."""
+    """(distances int64, relevance bool, per-distance counts q x 2 x (c+1)) of a chunk of queries (torch),
+    shard_labels as _shard_inputs gives them."""
     distances = hamming_distances(query_codes[rows], shard_codes).long()
-    relevant = relevance(query_labels[rows], shard_labels)
+    patterns, ids = shard_labels
+    relevant = relevance(query_labels[rows], patterns)
+    if ids is not None:
+        relevant = relevant[:, ids]
     counts = torch.zeros(distances.shape[0], 2, query_codes.shape[1] + 1, dtype=torch.int64,
                          device=distances.device)
     counts[:, 0].scatter_add_(1, distances, torch.ones_like(distances))
@@ -402,23 +461,56 @@ def _shard_chunk(query_codes, shard_codes, query_labels, shard_labels, rows):
     return distances, relevant, counts
 
 
+def _below(counts):
+    """Items at smaller distances (counts along the last axis; torch or numpy)."""
+    return counts.cumsum(-1) - counts
+
+
+def _numpy_rank_sums(ranker: _NumpyRanker, rows: slice, total, before, k: int, pk: int) -> np.ndarray:
+    """shard_rank_sums of a chunk of queries: once the shard is ordered, only its hits are touched."""
+    distances, relevant, local = ranker.counts(rows)
+    num_rows, n = distances.shape
+    # Stable radix sort of small integers: within a distance the shard's rows stay in row order.
+    order = np.argsort(distances, axis=1, kind="stable")
+    order += (np.arange(num_rows) * n)[:, None]  # flat indices: a flat take is much faster than take_along_axis
+    positions = np.flatnonzero(np.take(relevant, order))  # row-major: rank order per row
+    # The hits come query by query, distance by distance, local[q, 1, d] of them at (q, d): what a hit adds
+    # to its flat position (its hit index in the chunk) to make its global rank (hit number) depends on
+    # (q, d) only, so it is a repeat of a q x (c+1) table. The tables follow the torch back end's offsets.
+    per_group, num_hits = local[:, 1].ravel(), local[:, 1].sum(axis=1)
+    rank_table = (_below(total[rows, 0]) + before[rows, 0] - _below(local[:, 0])
+                  - (np.arange(num_rows, dtype=np.int64) * n - 1)[:, None])
+    hit_table = (_below(total[rows, 1]) + before[rows, 1] - _below(local[:, 1])
+                 - (np.cumsum(num_hits) - num_hits - 1)[:, None])
+    ranks = positions + np.repeat(rank_table.ravel(), per_group)
+    ratios = (np.arange(positions.size) + np.repeat(hit_table.ravel(), per_group)) / ranks
+    within_k = ranks <= k
+    columns = (ratios, ratios * within_k, within_k, ranks <= pk)
+    return np.stack([_segment_sums(values, num_hits) for values in columns], axis=1)
+
+
 def shard_distance_counts(query_codes: torch.Tensor, shard_codes: torch.Tensor, query_labels: torch.Tensor,
-                          shard_labels: torch.Tensor, chunk_rows: Optional[int] = None) -> torch.Tensor:
+                          shard_labels: ShardLabels, chunk_rows: Optional[int] = None) -> torch.Tensor:
     """q x 2 x (c+1) int64 on the query codes' device: per query and Hamming distance d, the shard's items
-    at distance d ([:, 0]) and its relevant items at distance d ([:, 1]). A shard without rows gives zeros."""
+    at distance d ([:, 0]) and its relevant items at distance d ([:, 1]). A shard without rows gives zeros.
+    shard_labels: a label row per shard row, or a (patterns, pattern_ids) pair (ShardLabels)."""
     _validate(query_codes, shard_codes, query_labels, shard_labels, db="shard")
     device = query_codes.device
-    shard_codes, query_labels, shard_labels = shard_codes.to(device), query_labels.to(device), shard_labels.to(device)
     counts = torch.zeros(query_codes.shape[0], 2, query_codes.shape[1] + 1, dtype=torch.int64, device=device)
     if shard_codes.shape[0] == 0:
         return counts
+    if _backend(query_codes) == "numpy":
+        parts = _numpy_map(lambda ranker, rows: ranker.counts(rows)[2], query_codes, shard_codes, query_labels,
+                           shard_labels, None, chunk_rows)
+        return torch.from_numpy(np.concatenate(parts))
+    shard_codes, query_labels, shard_labels = _shard_inputs(query_codes, shard_codes, query_labels, shard_labels)
     for rows in _chunks(query_codes.shape[0], shard_codes.shape[0], chunk_rows, SHARD_CHUNK_ENTRIES):
         counts[rows] = _shard_chunk(query_codes, shard_codes, query_labels, shard_labels, rows)[2]
     return counts
 
 
 def shard_rank_sums(query_codes: torch.Tensor, shard_codes: torch.Tensor, query_labels: torch.Tensor,
-                    shard_labels: torch.Tensor, counts_total: torch.Tensor, counts_before: torch.Tensor,
+                    shard_labels: ShardLabels, counts_total: torch.Tensor, counts_before: torch.Tensor,
                     topk: Optional[int], precision_k: int, chunk_rows: Optional[int] = None) -> torch.Tensor:
     """q x 4 float64 on the query codes' device: this shard's part of each query's metrics.
 
@@ -427,6 +519,7 @@ def shard_rank_sums(query_codes: torch.Tensor, shard_codes: torch.Tensor, query_
     relevant items (i = the item's hit number, rank_i its rank in the whole database's ranking), the same
     over those ranked within the top topk, the number of those, and the number of its relevant items in
     the top precision_k. Summed over shards they give AP@ALL and AP@topk (sharded_retrieval_row).
+    shard_labels as in shard_distance_counts.
     """
     _validate(query_codes, shard_codes, query_labels, shard_labels, db="shard")
     device = query_codes.device
@@ -440,9 +533,13 @@ def shard_rank_sums(query_codes: torch.Tensor, shard_codes: torch.Tensor, query_
     sums = torch.zeros(num_queries, 4, dtype=torch.float64, device=device)
     if shard_codes.shape[0] == 0:
         return sums
-    shard_codes, query_labels, shard_labels = shard_codes.to(device), query_labels.to(device), shard_labels.to(device)
+    if _backend(query_codes) == "numpy":
+        total, before = (counts.cpu().long().numpy() for counts in (counts_total, counts_before))
+        parts = _numpy_map(lambda ranker, rows: _numpy_rank_sums(ranker, rows, total, before, k, pk),
+                           query_codes, shard_codes, query_labels, shard_labels, None, chunk_rows)
+        return torch.from_numpy(np.concatenate(parts))
+    shard_codes, query_labels, shard_labels = _shard_inputs(query_codes, shard_codes, query_labels, shard_labels)
     counts_total, counts_before = counts_total.to(device), counts_before.to(device)
-    below = lambda counts: counts.cumsum(dim=-1) - counts  # noqa: E731  (items at smaller distances)
     positions = torch.arange(1, shard_codes.shape[0] + 1, dtype=torch.int64, device=device)
     for rows in _chunks(num_queries, shard_codes.shape[0], chunk_rows, SHARD_CHUNK_ENTRIES):
         distances, relevant, local = _shard_chunk(query_codes, shard_codes, query_labels, shard_labels, rows)
@@ -451,8 +548,8 @@ def shard_rank_sums(query_codes: torch.Tensor, shard_codes: torch.Tensor, query_
         hits = torch.gather(relevant, 1, order)
         # Global rank = local position - the shard's items at smaller distances + everyone's items at
         # smaller distances + the earlier shards' items at the same distance; hit numbers likewise.
-        rank_offset = below(counts_total[rows, 0]) + counts_before[rows, 0] - below(local[:, 0])
-        hit_offset = below(counts_total[rows, 1]) + counts_before[rows, 1] - below(local[:, 1])
+        rank_offset = _below(counts_total[rows, 0]) + counts_before[rows, 0] - _below(local[:, 0])
+        hit_offset = _below(counts_total[rows, 1]) + counts_before[rows, 1] - _below(local[:, 1])
         ranks = positions + torch.gather(rank_offset, 1, sorted_distances)
         hit_numbers = hits.long().cumsum(dim=1) + torch.gather(hit_offset, 1, sorted_distances)
         ratios = torch.where(hits, hit_numbers.double() / ranks.double(), 0.0)
