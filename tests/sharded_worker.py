@@ -1,6 +1,7 @@
-"""A tiny seeded problem solved two ways: the one-process path the training loop takes today (every code on
-one process: r, the hash-term stats, one DCC sweep, the retrieval row) and, under torchrun, the sharded path
-of dihn_dist.distributed.sharded (each rank its own rows). tests/test_sharding.py compares them.
+"""A tiny seeded problem solved two ways: the whole-database path (--shard-database off: every code on one
+process; r, the hash-term stats, one DCC sweep, the retrieval row) and the sharded path,
+dihn_dist.distributed.sharded.RowShard (each rank its own rows, in blocks), under torchrun or in one process.
+tests/test_sharding.py compares them.
 
     torchrun --nproc_per_node N tests/sharded_worker.py SEED MULTI(0|1) NUM_FROZEN TOPK OUT.pt
 """
@@ -15,6 +16,7 @@ from dihn_dist.method import dcc, hashing, metrics
 
 NUM_DATABASE, CODE_LENGTH, NUM_LABELS, NUM_SAMPLES, NUM_QUERIES = 97, 6, 5, 30, 11
 GAMMA, NUM_SEEN, PRECISION_K = 200.0, 3, 15
+BLOCK_ROWS = 13  # rows per block of a shard: several blocks a shard, boundaries apart from the shards'
 
 
 def make_problem(seed: int, multi: bool, num_frozen: int, topk) -> dict:
@@ -63,32 +65,30 @@ def one_process(problem: dict, world_size: int) -> dict:
             "codes": new_codes, "row": row}
 
 
-def sharded(problem: dict) -> dict:
-    """The same through dihn_dist.distributed.sharded: this rank holds only its rows and its share of the sample."""
+def sharded(problem: dict, block_rows: int = BLOCK_ROWS) -> dict:
+    """The same through dihn_dist.distributed.sharded.RowShard: this rank holds only its rows (in blocks of
+    block_rows, so block and shard boundaries both fall inside the database) and its share of the sample."""
     from dihn_dist.distributed import comm, sharded as S
 
     ctx = comm.context()
-    n = problem["codes"].shape[0]
-    start, end = S.shard_bounds(n)
     device = ctx.device
-    shard_codes = problem["codes"][start:end].to(device)
-    shard_labels = problem["labels"][start:end].to(device)
+    codes, labels = problem["codes"].to(torch.int8), problem["labels"]
+    shard = S.RowShard(codes.shape[0], problem["num_frozen"], CODE_LENGTH, lambda a, b: labels[a:b],
+                       lambda a, b: codes[a:b], block_rows=block_rows, device=device)
     mine = torch.arange(ctx.rank, NUM_SAMPLES, ctx.world_size)
     my_rows, my_outputs = problem["sample"][mine].to(device), problem["outputs"][mine].to(device)
-    my_labels = problem["labels"][problem["sample"][mine]].to(device)  # a rank knows its batch items' labels
+    my_labels = labels[problem["sample"][mine]].to(device)  # a rank knows its batch items' labels
 
-    sample_labels = comm.gather_rows(my_labels)
-    patterns, ids = S.pattern_table(shard_labels)
-    r = S.similarity_offset(sample_labels, shard_labels, n, db_patterns=(patterns, ids))
-    stats = S.hash_term_stats(shard_codes, patterns, ids, n, r)
-    new_shard = S.solve_dcc(shard_codes, start, my_outputs, my_labels, my_rows, shard_labels, GAMMA, r,
-                            problem["num_frozen"])
-    row = S.retrieval_row(problem["query_codes"].to(device), new_shard.to(torch.int8),
-                          problem["query_labels"].to(device), shard_labels, NUM_SEEN, problem["topk"], PRECISION_K)
-    rows_held = comm.gather_objects((start, end))
+    sample_labels, sample_rows = comm.gather_rows(my_labels), comm.gather_rows(my_rows)
+    r = shard.similarity_offset(sample_labels)
+    stats = shard.hash_term_stats(r)
+    shard.update_codes(comm.gather_rows(my_outputs), sample_labels, sample_rows, GAMMA, r)
+    row = shard.retrieval_row(problem["query_codes"].to(device), problem["query_labels"].to(device), NUM_SEEN,
+                              problem["topk"], PRECISION_K)
     return {"r": r, "gram": stats.gram.cpu(), "targets": stats.targets.cpu(), "target_norms": stats.target_norms.cpu(),
-            "codes": comm.gather_rows(new_shard).cpu(), "row": row, "rows_held": rows_held,
-            "rows_agree": comm.gather_objects(row)}
+            "codes": comm.gather_rows(shard.codes(0, shard.num_held)).cpu(), "row": row,
+            "rows_held": comm.gather_objects((shard.first_row, shard.end_row)), "rows_agree": comm.gather_objects(row),
+            "checksum": shard.checksum(), "frozen_checksum": shard.checksum(frozen_only=True)}
 
 
 def main(argv) -> int:

@@ -149,11 +149,11 @@ def test_simulate_checkpoints_hold_the_solved_codes(simulated):
     assert not list(folder.glob("*.tmp"))
     dcp_to_torch_save(checkpoint, folder / "sharded-codes.pt")
     shards = torch.load(folder / "sharded-codes.pt")
-    assert sorted(shards) == ["codes.rows0-10000", "codes.rows10000-20000"]
+    assert sorted(shards) == ["rows_0_10000", "rows_10000_20000"]
     whole = np.load(folder / "rank0-codes-iteration1.npy")
     assert whole.shape == (SIMULATE_ROWS, 6) and whole.dtype == np.uint8
-    assert np.array_equal(np.concatenate([shards["codes.rows0-10000"].numpy(),
-                                          shards["codes.rows10000-20000"].numpy()]), whole)
+    assert np.array_equal(np.concatenate([shards["rows_0_10000"].numpy(),
+                                          shards["rows_10000_20000"].numpy()]), whole)
     digests = torch.load(folder / "rank0.pt", weights_only=False)["digests"]
     assert digests == [hashlib.sha256(whole[a:b].tobytes()).hexdigest() for a, b in ((0, 10_000), (10_000, 20_000))]
 

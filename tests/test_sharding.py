@@ -10,6 +10,7 @@ import torch
 
 import sharded_worker as W
 from dihn_dist.distributed.sharded import shard_bounds
+from dihn_dist.training.runfolder import codes_checksum
 from dihn_dist.method import dcc, hashing, metrics
 
 N = W.NUM_DATABASE
@@ -176,7 +177,25 @@ def test_torchrun_sharded_path_equals_the_one_process_path(nproc, multi, num_fro
     assert got["world_size"] == nproc
     assert got["rows_held"] == [shard_bounds(N, nproc, rank) for rank in range(nproc)]
     assert got["r"] == expected["r"]
-    for name in ("gram", "targets", "target_norms", "codes"):
+    for name in ("gram", "targets", "target_norms"):
         assert torch.equal(got[name], expected[name]), name
+    assert torch.equal(got["codes"], expected["codes"].to(torch.int8))
+    assert got["checksum"] == codes_checksum(expected["codes"])
+    assert got["frozen_checksum"] == codes_checksum(expected["codes"][:num_frozen])
     assert_same_row(got["row"], expected["row"])
     assert all(row == got["row"] for row in got["rows_agree"])  # every rank has the same row
+
+
+@pytest.mark.parametrize("multi, num_frozen, topk", [(False, 0, None), (False, 40, 20), (True, 50, 20), (True, 90, None)])
+def test_row_shard_in_one_process_is_the_whole_database_path(multi, num_frozen, topk):
+    """One process, its rows in blocks of 13: the blocks alone split the database (the frozen rows end inside
+    one, or cover it all)."""
+    problem = W.make_problem(8, multi, num_frozen, topk)
+    got, expected = W.sharded(problem), W.one_process(problem, 1)
+    assert got["r"] == expected["r"]
+    for name in ("gram", "targets", "target_norms"):
+        assert torch.equal(got[name], expected[name]), name
+    assert torch.equal(got["codes"], expected["codes"].to(torch.int8))
+    assert got["checksum"] == codes_checksum(expected["codes"])
+    assert got["frozen_checksum"] == codes_checksum(expected["codes"][:num_frozen])
+    assert_same_row(got["row"], expected["row"])

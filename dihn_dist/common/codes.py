@@ -43,5 +43,5 @@ def unpack_codes(packed, code_length: int):
     import torch
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(2) >> shifts) & 1
-    bits = bits.reshape(packed.shape[0], -1)[:, :code_length]
+    bits = bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :code_length]
     return bits.to(torch.int8) * 2 - 1

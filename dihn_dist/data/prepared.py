@@ -145,7 +145,8 @@ def load_prepared(data_dir, dataset: Optional[str] = None, num_seen: Optional[in
                                 f"make it with: {hint}")
     manifest = read_manifest(manifest_path, hint)
     check_listed_files(root, manifest, fingerprints)
-    database_labels = read_labels(root / "database_labels.npy", manifest["num_database"], manifest["num_classes"])
+    database_labels = read_labels(root / "database_labels.npy", manifest["num_database"], manifest["num_classes"],
+                                  mapped=True)
     query_labels = read_labels(root / "query_labels.npy", manifest["num_query"], manifest["num_classes"])
     data = PreparedData(root, manifest, database_labels, query_labels,
                         int(manifest["num_original"]), int(manifest["num_seen"]))
@@ -197,10 +198,12 @@ def read_manifest(path: Path, hint: str) -> dict:
     return manifest
 
 
-def read_labels(path: Path, rows: int, columns: int) -> np.ndarray:
+def read_labels(path: Path, rows: int, columns: int, mapped: bool = False) -> np.ndarray:
+    """mapped: memory-mapped, read-only (the database's: every rank reads the rows it needs, and the page cache
+    holds one copy for all of a node's ranks however large the database)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
-    labels = np.load(path, allow_pickle=False)
+    labels = np.load(path, mmap_mode="r" if mapped else None, allow_pickle=False)
     if labels.dtype != np.uint8 or labels.shape != (rows, columns):
         raise ValueError(f"{path}: expected uint8 labels of shape ({rows}, {columns}) as in the manifest, "
                          f"got {labels.dtype} {labels.shape}")

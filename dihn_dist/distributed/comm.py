@@ -218,31 +218,33 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:c] for g, c in zip(gathered, counts)])
 
 
-def rows_sha256(rows: torch.Tensor, chunk_rows: int = 1 << 20) -> str:
+def rows_sha256(num_rows: int, rows_at: Callable[[int, int], torch.Tensor], chunk_rows: int = 1 << 20) -> str:
     """sha256 of every rank's rows concatenated in rank order (row-major bytes), the same hex digest on every
-    rank: what sha256 of the whole tensor on one process gives. Rank 0 hashes its own rows, then receives
-    each other rank's in chunks of chunk_rows, so no rank holds more than its own rows and one chunk."""
+    rank: what sha256 of the whole tensor on one process gives. This rank has num_rows rows, rows_at(a, b)
+    giving rows [a, b) (from packed codes, say). Rank 0 hashes its own rows, then receives each other rank's
+    in chunks of chunk_rows, so no rank holds more than one chunk of rows at a time."""
     import hashlib
 
     digest = hashlib.sha256()
-    rows = rows.detach().contiguous()
+    chunks = lambda total: ((a, min(total, a + chunk_rows)) for a in range(0, total, chunk_rows))  # noqa: E731
     if not _context.distributed:
-        digest.update(rows.cpu().numpy().tobytes())
+        for a, b in chunks(num_rows):
+            digest.update(rows_at(a, b).detach().contiguous().cpu().numpy().tobytes())
         return digest.hexdigest()
     device = _device_for_collectives()
-    count = torch.tensor([rows.shape[0]], device=device)
+    count = torch.tensor([num_rows], device=device)
     counts = [torch.zeros_like(count) for _ in range(_context.world_size)]
     torch_dist.all_gather(counts, count)
+    width = rows_at(0, 0)  # the shape and dtype of a row, for receiving
     for source, rows_of_source in enumerate(int(c.item()) for c in counts):
-        for start in range(0, rows_of_source, chunk_rows):
-            size = min(chunk_rows, rows_of_source - start)
+        for a, b in chunks(rows_of_source):
             if source == 0:
                 if _context.is_main:
-                    digest.update(rows[start:start + size].cpu().numpy().tobytes())
+                    digest.update(rows_at(a, b).detach().contiguous().cpu().numpy().tobytes())
             elif _context.rank == source:
-                torch_dist.send(rows[start:start + size].to(device), dst=0)
+                torch_dist.send(rows_at(a, b).detach().contiguous().to(device), dst=0)
             elif _context.is_main:
-                chunk = torch.empty((size,) + tuple(rows.shape[1:]), dtype=rows.dtype, device=device)
+                chunk = torch.empty((b - a,) + tuple(width.shape[1:]), dtype=width.dtype, device=device)
                 torch_dist.recv(chunk, src=source)
                 digest.update(chunk.cpu().numpy().tobytes())
     return broadcast_object(digest.hexdigest() if _context.is_main else None)

@@ -118,6 +118,24 @@ def count_similar_pairs(sample_labels: torch.Tensor, db_labels: torch.Tensor,
     return int(round(float(shared.sum())))
 
 
+def count_similar_pairs_by_pattern(sample_labels: torch.Tensor, patterns: torch.Tensor,
+                                   rows_per_pattern: torch.Tensor, block_rows: int = DEFAULT_BLOCK_ROWS) -> int:
+    """count_similar_pairs over a database given as its distinct label rows (patterns, P x L) and the number of
+    its rows carrying each (rows_per_pattern, P integers): the same integer, in O(m P L) whatever n."""
+    check_labels("sample_labels", sample_labels)
+    check_labels("patterns", patterns, sample_labels.shape[1])
+    if tuple(rows_per_pattern.shape) != (patterns.shape[0],):
+        raise ValueError(f"rows_per_pattern: expected shape ({patterns.shape[0]},), one count per pattern, got "
+                         f"{describe_tensor(rows_per_pattern)}")
+    sample = sample_labels.to(device=patterns.device, dtype=torch.float32)
+    total = 0
+    for start in range(0, patterns.shape[0], block_rows):
+        block = patterns[start:start + block_rows].to(torch.float32)
+        sharing = ((sample @ block.T) > 0).sum(dim=0)  # sampled items sharing a label with each pattern
+        total += int((sharing.to(torch.int64) * rows_per_pattern[start:start + block_rows].to(sharing.device)).sum())
+    return total
+
+
 def soft_similarity_offset(sample_labels: torch.Tensor, db_labels: torch.Tensor,
                            block_rows: int = DEFAULT_BLOCK_ROWS, db_patterns: PatternsOf = None) -> float:
     """r = sum(S) / sum(1 - S) over the sampled block (m x n), for the soft form S*(1+r)-r.
@@ -279,7 +297,7 @@ def pattern_ids(patterns: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return inverse[num_patterns:].to(torch.long)
 
 
-def _check_pattern_ids(name: str, ids: torch.Tensor, rows: int, num_patterns: int, other: str) -> None:
+def check_pattern_ids(name: str, ids: torch.Tensor, rows: int, num_patterns: int, other: str) -> None:
     """ids: a 1-D integer tensor of `rows` pattern ids in [0, num_patterns)."""
     if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex()
             or ids.dtype == torch.bool):
@@ -335,7 +353,7 @@ def hash_term_stats(codes: torch.Tensor, patterns: torch.Tensor, pattern_of_row:
     num_database = codes.shape[0]
     check_labels("patterns", patterns)
     check_nonempty("patterns", patterns)
-    _check_pattern_ids("pattern_of_row", pattern_of_row, num_database, patterns.shape[0], "codes")
+    check_pattern_ids("pattern_of_row", pattern_of_row, num_database, patterns.shape[0], "codes")
     if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)):
         raise ValueError(f"r: expected None or a finite number, got {r!r}")
     if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
@@ -369,7 +387,7 @@ def hash_term_partials(codes: torch.Tensor, pattern_of_row: torch.Tensor, num_pa
     pattern table of num_patterns patterns. One pass over the rows, O(rows c^2), on the codes' device.
     """
     check_codes("codes", codes)
-    _check_pattern_ids("pattern_of_row", pattern_of_row, codes.shape[0], num_patterns, "codes")
+    check_pattern_ids("pattern_of_row", pattern_of_row, codes.shape[0], num_patterns, "codes")
     return _partials(codes, pattern_of_row, num_patterns)
 
 
@@ -431,7 +449,7 @@ def factorized_hash_loss(outputs: torch.Tensor, batch_patterns: torch.Tensor,
         dtype = f" of dtype {outputs.dtype}" if isinstance(outputs, torch.Tensor) else ""
         raise ValueError(f"outputs: expected a 2-D float tensor with {code_length} columns (the stats' code "
                          f"length), got {describe_tensor(outputs)}{dtype}")
-    _check_pattern_ids("batch_patterns", batch_patterns, outputs.shape[0], stats.num_patterns, "outputs")
+    check_pattern_ids("batch_patterns", batch_patterns, outputs.shape[0], stats.num_patterns, "outputs")
 
     device = outputs.device
     ids = batch_patterns.to(device=device, dtype=torch.long)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..common.formats import is_incremental
-from .hashing import _check_pattern_ids, check_codes, check_labels, check_nonempty, check_rows, describe_tensor
+from .hashing import check_codes, check_labels, check_nonempty, check_pattern_ids, check_rows, describe_tensor
 
 # Query rows per chunk are chosen so one chunk's query x database matrices stay near this many entries.
 CHUNK_ENTRIES = 1 << 24
@@ -69,7 +69,7 @@ def _validate(query_codes, db_codes, query_labels, db_labels, db: str = "db") ->
             raise ValueError(f"shard_labels: expected a label matrix or a (patterns, pattern_ids) pair, "
                              f"got a tuple of {len(db_labels)}")
         check_labels("shard_labels patterns", db_labels[0], query_labels.shape[1])
-        _check_pattern_ids("shard_labels pattern_ids", db_labels[1], db_codes.shape[0], db_labels[0].shape[0],
+        check_pattern_ids("shard_labels pattern_ids", db_labels[1], db_codes.shape[0], db_labels[0].shape[0],
                            "shard_codes")
         return
     check_labels(f"{db}_labels", db_labels, query_labels.shape[1])

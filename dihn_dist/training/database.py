@@ -2,8 +2,8 @@
 
 `WholeDatabase` (off): every rank holds every code (float32) and label; rank 0 solves DCC for the learned
 rows and broadcasts the codes packed, and ranks the whole database in the evaluation. `ShardedDatabase`
-(on): rank r holds only rows shard_bounds(n)[r] (int8 codes, int32 label-pattern ids into the pattern table
-that every rank shares, and the rows' labels), and r, the hash-term statistics, DCC, the checksums, the
+(on): rank r holds only rows shard_bounds(n)[r] (codes bit-packed and int32 label-pattern ids into the
+pattern table that every rank shares), and r, the hash-term statistics, DCC, the checksums, the
 evaluation, the codes file and the checkpoint's codes come from each rank's rows and collectives
 (distributed/sharded.py; docs/method.md, "Sharding the database by rows"). Both give the same codes bit
 for bit and the same metrics to about 1e-16, so the loop (training/loop.py) calls one interface and never
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..data.prepared import PreparedData
@@ -21,7 +22,7 @@ from ..method import dcc, hashing, metrics
 from .config import SHARD_DATABASE_ROWS, Config
 from .reporting import IterationClock
 from .runfolder import RunFolder, codes_checksum
-from .stages import Stage
+from .stages import InitialCodes, Stage
 
 
 def shards_database(config: Config, num_database: int) -> bool:
@@ -32,10 +33,11 @@ def shards_database(config: Config, num_database: int) -> bool:
     return config.shard_database == "on"
 
 
-def stage_database(stage: Stage, config: Config, data: PreparedData, codes: torch.Tensor):
-    """The stage's database, whole or sharded as --shard-database says; codes: every row's initial codes."""
+def stage_database(stage: Stage, config: Config, data: PreparedData, initial: InitialCodes):
+    """The stage's database, whole or sharded as --shard-database says; initial(a, b): rows [a, b) of its codes
+    before the first outer iteration."""
     held = ShardedDatabase if shards_database(config, stage.num_database) else WholeDatabase
-    return held(stage, config, data, codes)
+    return held(stage, config, data, initial)
 
 
 class WholeDatabase:
@@ -43,11 +45,11 @@ class WholeDatabase:
 
     sharded = False
 
-    def __init__(self, stage: Stage, config: Config, data: PreparedData, codes: torch.Tensor):
+    def __init__(self, stage: Stage, config: Config, data: PreparedData, initial: InitialCodes):
         device = comm.context().device
         self.stage, self.config, self.num_seen = stage, config, data.num_seen
-        self.codes = codes.to(device, torch.float32)
-        self.labels = torch.from_numpy(data.database_labels[:stage.num_database]).to(device, torch.float32)
+        self.codes = initial(0, stage.num_database).to(device, torch.float32)
+        self.labels = torch.from_numpy(np.array(data.database_labels[:stage.num_database])).to(device, torch.float32)
         # The hash term, r and DCC see database items only through their label patterns: found once a stage.
         self.patterns, self.pattern_of_row = hashing.label_patterns(self.labels)
         self.learned_patterns = hashing.label_patterns(self.labels[stage.num_frozen:])
@@ -128,104 +130,82 @@ class WholeDatabase:
 
 
 class ShardedDatabase:
-    """This rank's contiguous rows of the database only (docs/method.md, "Sharding the database by rows")."""
+    """This rank's contiguous rows of the database only (distributed/sharded.py's RowShard): what the loop asks
+    of the database, with the clock laps, the sample's labels and the run folder's files."""
 
     sharded = True
 
-    def __init__(self, stage: Stage, config: Config, data: PreparedData, codes: torch.Tensor):
-        device = comm.context().device
+    def __init__(self, stage: Stage, config: Config, data: PreparedData, initial: InitialCodes):
         self.stage, self.config, self.data, self.num_seen = stage, config, data, data.num_seen
-        self.first_row, self.end_row = sharded.shard_bounds(stage.num_database)
-        self.codes = codes[self.first_row:self.end_row].to(device, torch.int8).contiguous()
-        self.labels = self.labels_of(torch.arange(self.first_row, self.end_row))
-        self.patterns, ids = sharded.pattern_table(self.labels)
-        self.pattern_ids = ids.to(torch.int32)  # int32 at rest: 4 bytes a row
-        self.learned_patterns = sharded.learned_pattern_table(self.labels, self.first_row, stage.num_frozen)
+        self.shard = sharded.RowShard(stage.num_database, stage.num_frozen, config.code_length,
+                                      lambda a, b: data.database_labels[a:b], initial)
         self.codes_folder = None  # the codes folder of the last checkpoint (it must outlive the next one's write)
 
     @property
     def device(self) -> torch.device:
-        return self.codes.device
-
-    @property
-    def learned_start(self) -> int:
-        """The first learned row of this shard, counted from the shard's first row."""
-        return min(max(self.stage.num_frozen - self.first_row, 0), self.codes.shape[0])
+        return self.shard.device
 
     def labels_of(self, positions: torch.Tensor) -> torch.Tensor:
         """Labels of any database rows: every rank has the prepared data's labels at hand (its loader reads
         any sampled row), so a sampled row's labels need no collective."""
         rows = positions.to("cpu").numpy()
-        return torch.from_numpy(self.data.database_labels[rows]).to(comm.context().device, torch.float32)
+        return torch.from_numpy(self.data.database_labels[rows]).to(self.device, torch.float32)
 
     def similarity_offset(self, sample: torch.Tensor) -> float:
-        return sharded.similarity_offset(self.labels_of(sample), self.labels, self.stage.num_database,
-                                         db_patterns=(self.patterns, self.pattern_ids.long()))
+        return self.shard.similarity_offset(self.labels_of(sample))
 
     def hash_term_stats(self, r: Optional[float]) -> hashing.HashTermStats:
-        return sharded.hash_term_stats(self.codes, self.patterns, self.pattern_ids.long(), self.stage.num_database, r)
+        return self.shard.hash_term_stats(r)
 
     def sample_rows(self, sample: torch.Tensor) -> "SampleRows":
         """The sampled rows' codes and pattern ids, from the ranks that hold them (one gather of m rows): the
-        quantization term needs each item's own code and the hash term its pattern. Each rank sends its
-        rows of the sorted sample; the shards are contiguous and in rank order, so the gathered rows come in
-        the sorted sample's order."""
-        order = torch.sort(sample.to(self.device)).values
-        mine = order[(order >= self.first_row) & (order < self.end_row)] - self.first_row
-        local = torch.cat([self.pattern_ids[mine].unsqueeze(1), self.codes[mine].to(torch.int32)], dim=1)
-        gathered = comm.gather_rows(local).to(self.device)
-        return SampleRows(order, gathered[:, 1:].to(torch.int8), gathered[:, 0].long())
+        quantization term needs each item's own code and the hash term its pattern."""
+        return SampleRows(*self.shard.sample_rows(sample))
 
     def update_codes(self, outputs: torch.Tensor, positions: torch.Tensor, r: Optional[float],
                      clock: IterationClock) -> dict:
         """Every rank's U gathered; every rank solves DCC for its own learned rows, and the ranks add up what
         changed (no code moves). Laps the clock (gather, dcc, broadcast: the count exchange)."""
-        stage = self.stage
-        U, sample_labels, sample_rows = sharded.gather_sample(outputs, self.labels_of(positions), positions)
+        U, labels, rows = (comm.gather_rows(t) for t in (outputs.float(), self.labels_of(positions), positions))
         clock.lap("gather")
-        solved = sharded.solve_dcc_gathered(self.codes, self.first_row, U, sample_labels, sample_rows, self.labels,
-                                            self.config.gamma, r, stage.num_frozen, self.learned_patterns)
+        changed = self.shard.update_codes(U, labels, rows, self.config.gamma, r)
         clock.lap("dcc")
-        start = self.learned_start
-        learned_before, learned = self.codes[start:], solved[start:].to(torch.int8)
-        counts = torch.cat([(learned != learned_before).sum().view(1), learned.to(torch.int64).sum(dim=0)])
-        total = comm.all_reduce_sum(counts.to(torch.int64))
+        total = comm.all_reduce_sum(changed)
         clock.lap("broadcast")
-        self.codes = torch.cat([self.codes[:start], learned])
-        num_learned = stage.num_database - stage.num_frozen
+        num_learned = self.stage.num_database - self.stage.num_frozen
         return {"broadcast_bytes": 0, "bits_changed": int(total[0]) / (num_learned * self.config.code_length),
                 "bit_imbalance": (total[1:].double() / num_learned).abs().mean().item()}
 
     def retrieval_row(self, query_codes: torch.Tensor, query_labels: torch.Tensor) -> dict:
         """The retrieval row, every rank ranking only its own rows (the same row on every rank)."""
-        config = self.config
-        return sharded.retrieval_row(query_codes, self.codes, query_labels, self.labels, self.num_seen,
-                                     config.topk, config.precision_k)
+        return self.shard.retrieval_row(query_codes, query_labels, self.num_seen, self.config.topk,
+                                        self.config.precision_k)
 
     def frozen_checksum(self) -> str:
         """sha256 of the frozen rows in order, the same string as the whole database's codes_checksum."""
-        return comm.rows_sha256(self.codes[:self.learned_start])
+        return self.shard.checksum(frozen_only=True)
 
     def checksum(self) -> str:
-        return comm.rows_sha256(self.codes)
+        return self.shard.checksum()
 
     def checkpoint_codes(self, run: RunFolder, iteration: int) -> dict:
         """Every rank's rows into their own folder (torch.distributed.checkpoint); the checkpoint names it.
         The folder of the previous checkpoint stays until this one has landed: the folders of the ones
         before are removed."""
-        name = run.save_codes_checkpoint(self.stage.name, iteration, self.codes, self.first_row)
+        name = run.save_codes_checkpoint(self.stage.name, iteration, self.shard.packed, self.shard.first_row)
         keep = {name, self.codes_folder} if self.codes_folder else {name}
         run.remove_codes_checkpoints(self.stage.name, keep)
         self.codes_folder = name
         return {"codes": None, "codes_folder": name}
 
     def restore_codes(self, run: RunFolder, checkpoint: dict) -> None:
-        self.codes = saved_rows(run, checkpoint, self.first_row, self.end_row).to(self.device, torch.int8)
+        self.shard.restore(saved_rows(run, checkpoint, self.shard.first_row, self.shard.end_row))
         self.codes_folder = checkpoint.get("codes_folder")
 
     def save_codes(self, run: RunFolder, stage: str) -> Optional[torch.Tensor]:
         """Writes the codes files from the shards now; nothing left for run.save_stage to write."""
-        run.save_database_codes_from_shards(stage, self.codes, self.first_row, self.stage.num_database)
+        run.save_database_codes_from_shards(stage, self.shard.packed, self.shard.first_row, self.stage.num_database,
+                                            self.config.code_length)
         return None
 
 

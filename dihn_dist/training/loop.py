@@ -60,8 +60,8 @@ from .reporting import (
     progress,
 )
 from .database import shards_database, stage_database
-from .runfolder import RunFolder, check_same_weights, load_old_codes
-from .stages import Stage, initial_codes, sample_positions, seed_of, seeded_generator, stage_spec
+from .runfolder import RunFolder, check_same_weights, load_old_codes, old_code_rows
+from .stages import InitialCodes, Stage, sample_positions, seed_of, seeded_generator, stage_spec
 
 
 def train(config: Config) -> int:
@@ -204,8 +204,8 @@ def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, rep
         logger.info(f"stage {name}: already complete in {run.root}, skipped")
         return finished
     stage = stage_spec(name, config, data)
-    frozen = comm.rank0_decides(lambda: load_old_codes(config, data, run)) if name == INCREMENTAL else None
-    training = StageTraining(stage, config, data, run, reporter, initial_codes(stage, config, frozen), weights)
+    frozen_rows = old_code_rows(config, data, run) if name == INCREMENTAL else None
+    training = StageTraining(stage, config, data, run, reporter, InitialCodes(stage, config, frozen_rows), weights)
     if training.database.sharded:
         logger.info(f"stage {name}: the database is split by rows over {comm.context().world_size} processes "
                     f"(--shard-database {config.shard_database})")
@@ -226,7 +226,7 @@ class StageTraining:
     rows of the frozen trunk's feature table instead of images."""
 
     def __init__(self, stage: Stage, config: Config, data: PreparedData, run: RunFolder, reporter: Reporter,
-                 codes: torch.Tensor, weights: Optional[Weights] = None):
+                 initial: InitialCodes, weights: Optional[Weights] = None):
         ctx = comm.context()
         self.stage, self.config, self.data, self.run, self.reporter = stage, config, data, run, reporter
         self.resolution = input_resolution(config.arch, config.resolution, data.image_size)
@@ -255,7 +255,7 @@ class StageTraining:
         self.optimizer = self.precision.optimizer(parameter_groups(network, trained, config), config.lr,
                                                   config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=stage.lr_decay)
-        self.database = stage_database(stage, config, data, codes)
+        self.database = stage_database(stage, config, data, initial)
         self.history, self.next_iteration, self.elapsed_s = [], 0, 0.0
         share = len(batch_schedule(np.arange(config.num_samples), config.batch_size, ctx.world_size, ctx.rank)[0])
         if self.features is not None:

@@ -31,14 +31,14 @@ import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from loguru import logger
 
 from ..common.atomic import atomic_write_bytes, atomic_write_json, fsync_file
-from ..common.codes import pack_codes
+from ..common.codes import pack_codes, unpack_codes
 from ..common.errors import cannot_create
 from ..common.formats import (
     FOLDER_MARKER,
@@ -410,34 +410,37 @@ class RunFolder:
             atomic_write_json(self.path(stage, "result.json"), result)
         comm.barrier()
 
-    def save_database_codes_from_shards(self, stage: str, shard: torch.Tensor, first_row: int,
-                                        num_rows: int) -> None:
-        """database_codes.npy and its packed form written by every rank, each its own rows: rank 0 creates
-        each file at a temp name with its final size, every rank writes its rows into it (a numpy memmap) and
+    def save_database_codes_from_shards(self, stage: str, packed: torch.Tensor, first_row: int, num_rows: int,
+                                        code_length: int, block_rows: int = 1 << 20) -> None:
+        """database_codes.packed.npy and its int8 form written by every rank, each its own rows (packed: rows
+        [first_row, first_row + len(packed))): rank 0 creates each file at a temp name with its final size,
+        every rank writes its rows into it (a numpy memmap; the int8 rows unpacked a block at a time) and
         fsyncs, and rank 0 renames it into place once every rank is done. No rank holds more than its rows,
         and the name never shows a half-written file (a crash leaves a temp file that the next start
         removes)."""
-        codes = shard.detach().to("cpu", torch.int8).numpy()
-        arrays = {"database_codes.npy": codes, "database_codes.packed.npy": pack_codes(codes)}
-        temps = {name: self.path(stage, f".{name}.shards.tmp") for name in arrays}
+        packed = packed.detach().to("cpu").numpy()
+        layouts = {"database_codes.npy": (np.int8, code_length), "database_codes.packed.npy": (np.uint8, packed.shape[1])}
+        temps = {name: self.path(stage, f".{name}.shards.tmp") for name in layouts}
 
         def create() -> None:
             self.path(stage).mkdir(parents=True, exist_ok=True)
-            for name, array in arrays.items():
-                np.lib.format.open_memmap(temps[name], mode="w+", dtype=array.dtype,
-                                          shape=(num_rows,) + array.shape[1:]).flush()
+            for name, (dtype, width) in layouts.items():
+                np.lib.format.open_memmap(temps[name], mode="w+", dtype=dtype, shape=(num_rows, width)).flush()
 
         comm.rank0_decides(create)
-        for name, array in arrays.items():
-            if array.shape[0]:
+        for name in layouts:
+            if packed.shape[0]:
                 target = np.lib.format.open_memmap(temps[name], mode="r+")
-                target[first_row:first_row + array.shape[0]] = array
+                for lo in range(0, packed.shape[0], block_rows):
+                    rows = packed[lo:lo + block_rows]
+                    rows = rows if name.endswith("packed.npy") else unpack_codes(rows, code_length)
+                    target[first_row + lo:first_row + lo + rows.shape[0]] = rows
                 target.flush()
                 del target
             fsync_file(temps[name])
         comm.barrier()
         if comm.context().is_main:
-            for name in arrays:
+            for name in layouts:
                 os.replace(temps[name], self.path(stage, name))
         comm.barrier()
 
@@ -447,10 +450,11 @@ class RunFolder:
         return self.path("checkpoints", f"{stage}.codes.it{iteration + 1}")
 
     def save_codes_checkpoint(self, stage: str, iteration: int, shard: torch.Tensor, first_row: int) -> str:
-        """Every rank's rows of the codes (torch.distributed.checkpoint, one file a rank, the folder renamed
-        into place when complete); returns the folder's name, for the checkpoint to record."""
+        """Every rank's rows of the codes as it holds them (packed), with torch.distributed.checkpoint: one file
+        a rank, the folder renamed into place when complete. Returns the folder's name, for the checkpoint to
+        record."""
         folder = self.codes_checkpoint_path(stage, iteration)
-        comm.save_rank_tensors({f"rows_{first_row}_{first_row + shard.shape[0]}": shard.to(torch.int8)}, folder)
+        comm.save_rank_tensors({f"rows_{first_row}_{first_row + shard.shape[0]}": shard}, folder)
         return folder.name
 
     def load_codes_checkpoint(self, name: str, first_row: int, end_row: int) -> torch.Tensor:
@@ -542,7 +546,23 @@ def _default_of(name: str):
 
 
 def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
-    """B_old: the codes of the data's inherited rows [0, num_original), which stage 2 keeps bit for bit.
+    """B_old, every row checked (find_old_codes)."""
+    return find_old_codes(config, data, run)[1]
+
+
+def old_code_rows(config, data, run: RunFolder) -> Callable[[int, int], np.ndarray]:
+    """B_old as rows read on demand: rank 0 checks the file whole (find_old_codes), then each rank reads only
+    the rows it asks for (memory-mapped), so a sharded stage never holds B_old whole on any rank but rank 0's
+    check."""
+    path = comm.rank0_decides(lambda: find_old_codes(config, data, run)[0])
+    codes = np.load(path, mmap_mode="r", allow_pickle=False)
+    if codes.dtype == np.uint8:
+        return lambda a, b: unpack_codes(np.asarray(codes[a:b]), config.code_length)
+    return lambda a, b: np.asarray(codes[a:b]).astype(np.int8)
+
+
+def find_old_codes(config, data, run: RunFolder) -> Tuple[str, torch.Tensor]:
+    """(the file, B_old): the codes of the data's inherited rows [0, num_original), which stage 2 keeps bit for bit.
 
     From --old-codes FILE (codes from elsewhere), from --old-run RUN (RUN's database must be the beginning
     of --data's, checked item by item; its --old-stage, default the last finished stage whose codes cover
@@ -567,7 +587,7 @@ def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
         raise ValueError(f"{name}: expected ({data.num_original}, {config.code_length}) codes, one per inherited "
                          f"database row of --data {data.root}, found {tuple(codes.shape)}")
     check_codes(name, codes)
-    return codes
+    return name, codes
 
 
 def check_old_run(source: RunFolder, config, data) -> None:

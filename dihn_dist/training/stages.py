@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -60,7 +60,37 @@ def sample_positions(seed: int, stage: Stage, iteration: int, num_samples: int) 
 
 
 def initial_codes(stage: Stage, config: Config, frozen: Optional[torch.Tensor]) -> torch.Tensor:
-    generator = seeded_generator(config.seed, stage.seed_key, -1)
-    learned = torch.randint(0, 2, (stage.num_database - stage.num_frozen, config.code_length), generator=generator)
-    learned = (learned * 2 - 1).to(torch.int8)
-    return learned if frozen is None else torch.cat([frozen.to(torch.int8), learned])
+    """Every row's codes before the first outer iteration: the frozen rows' (B_old) then random +-1 rows."""
+    return InitialCodes(stage, config, None if frozen is None else lambda a, b: frozen[a:b])(0, stage.num_database)
+
+
+class InitialCodes:
+    """Rows of initial_codes on demand: codes(first, end) gives rows [first, end) (int8), the frozen ones from
+    frozen_rows(a, b), the others from the one stream of draws that initial_codes takes whole. Asked in
+    increasing ranges (a shard's blocks), it draws each row once and holds none: torch's CPU generator gives
+    the same values drawn in pieces as at once, so a shard's codes are the whole database's."""
+
+    DRAW_ROWS = 1 << 20  # rows drawn and dropped at a time when skipping to a range
+
+    def __init__(self, stage: Stage, config: Config, frozen_rows: Optional[Callable[[int, int], object]]):
+        self.stage, self.config, self.frozen_rows = stage, config, frozen_rows
+        self.generator, self.position = None, stage.num_frozen  # the next learned row the stream draws
+
+    def draw(self, rows: int) -> torch.Tensor:
+        codes = torch.randint(0, 2, (rows, self.config.code_length), generator=self.generator, dtype=torch.int8)
+        self.position += rows
+        return codes * 2 - 1
+
+    def __call__(self, first: int, end: int) -> torch.Tensor:
+        stage, pieces = self.stage, [torch.zeros(0, self.config.code_length, dtype=torch.int8)]
+        if first < stage.num_frozen:
+            pieces.append(torch.as_tensor(self.frozen_rows(first, min(end, stage.num_frozen))).to(torch.int8))
+        start = max(first, stage.num_frozen)
+        if start < end:
+            if self.generator is None or start < self.position:
+                self.generator = seeded_generator(self.config.seed, stage.seed_key, -1)
+                self.position = stage.num_frozen
+            while self.position < start:
+                self.draw(min(self.DRAW_ROWS, start - self.position))
+            pieces.append(self.draw(end - start))
+        return torch.cat(pieces)

@@ -332,14 +332,14 @@ def count_syncs(data: Path, device: str, command: TrainerCommand) -> tuple:
     """(host syncs, steps) of one outer iteration of the real training step under CUDA's sync debug mode."""
     from dihn_dist.distributed import comm
     from dihn_dist.training.config import parse_config
-    from dihn_dist.training.stages import initial_codes, sample_positions, stage_spec
+    from dihn_dist.training.stages import InitialCodes, sample_positions, stage_spec
     with tempfile.TemporaryDirectory() as scratch:
         config = parse_config(trainer_argv(Path(scratch), data, command, device))
         comm.init(config.device)
         config, data_, run = loop.check_inputs(config)
         run.create(config, data_)
         stage = stage_spec("original", config, data_)
-        training = loop.StageTraining(stage, config, data_, run, None, initial_codes(stage, config, None))
+        training = loop.StageTraining(stage, config, data_, run, None, InitialCodes(stage, config, None))
         sample = sample_positions(config.seed, stage, 0, config.num_samples)
         training.train_on_sample(sample, 0.1, 0)  # compiles FFCV's pipeline, benchmarks cuDNN
         torch.cuda.synchronize()

@@ -1,9 +1,9 @@
 """One outer iteration's non-network work and one evaluation at ROWS database rows, tensors only (no images, no
-network), under torchrun: either the rank-0 path the training loop takes today (every rank holds all n codes
-as float32 and all n label rows; rank 0 solves DCC for every row and ranks the whole database) or the
-database sharded by rows (docs/method.md section 7: each rank holds its rows' codes bit-packed and their
-label-pattern ids as int32 into one shared pattern table). tests/bench/bench_scale.py --simulate ROWS runs
-both, compares them and prints the table.
+network), under torchrun: either the rank-0 path (--shard-database off: every rank holds all n codes as
+float32 and all n label rows; rank 0 solves DCC for every row and ranks the whole database) or the database
+sharded by rows, which is the training loop's own distributed/sharded.py RowShard (each rank holds its rows'
+codes bit-packed and their label-pattern ids as int32 into one shared pattern table, and works through them in
+blocks). tests/bench/bench_scale.py --simulate ROWS runs both, compares them and prints the table.
 
     torchrun --nproc_per_node 2 tests/bench/scale_sim.py --path sharded|rank0 --rows N --work DIR --out RESULT.pt
         [--queries Q] [--block-rows B] [--seed S] [--device auto]
@@ -22,14 +22,13 @@ its seconds, the duration of every collective call in it (bench_scale turns thes
 time in a collective minus the fastest rank's), and the rank's peak RSS during the phase (VmHWM, reset
 at the phase's start through /proc/self/clear_refs).
 
-The sharded path works on blocks of --block-rows rows of its shard at a time (unpacked codes, label rows,
-float copies live for one block), so its memory beyond the packed state is bounded whatever the shard size.
-Splitting a shard into blocks is the same decomposition as splitting the database over more ranks, which
-method/ makes exact (integer partial sums; per-row DCC; per-distance counts before a block).
+--block-rows sets RowShard's rows per block (its unpacked codes, label rows and float copies live for one
+block), so the sharded path's memory beyond the packed state is bounded whatever the shard size.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import sys
@@ -50,7 +49,7 @@ import torch.distributed.checkpoint  # noqa: E402,F401
 
 import nus_synth  # noqa: E402
 from dihn_dist.common.atomic import atomic_path  # noqa: E402
-from dihn_dist.common.codes import pack_codes, packed_width, unpack_codes  # noqa: E402
+from dihn_dist.common.codes import pack_codes, packed_width  # noqa: E402
 from dihn_dist.distributed import comm  # noqa: E402
 from dihn_dist.distributed import sharded as S  # noqa: E402
 from dihn_dist.method import dcc, hashing, metrics  # noqa: E402
@@ -97,13 +96,27 @@ def data_blocks(num_rows: int, start: int, end: int) -> Iterator[Tuple[int, int,
         yield block, max(start, block * DATA_BLOCK), min(end, (block + 1) * DATA_BLOCK)
 
 
-def block_data(seed: int, num_rows: int, block: int, lo: int, hi: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(labels uint8 (hi-lo) x 21, codes int8 +-1 (hi-lo) x c) of rows [lo, hi) of one data block."""
-    first = block * DATA_BLOCK
-    rows = min(DATA_BLOCK, num_rows - first)
-    labels = nus_synth.draw_labels(np.random.default_rng([seed, 11, block]), rows)[lo - first:hi - first]
-    codes = np.random.default_rng([seed, 13, block]).integers(0, 2, (rows, CODE_LENGTH), dtype=np.int8)
-    return labels, codes[lo - first:hi - first] * 2 - 1
+@functools.lru_cache(maxsize=2)
+def block_labels(seed: int, num_rows: int, block: int) -> np.ndarray:
+    """uint8 labels (rows x 21) of one whole data block."""
+    rows = min(DATA_BLOCK, num_rows - block * DATA_BLOCK)
+    return nus_synth.draw_labels(np.random.default_rng([seed, 11, block]), rows)
+
+
+@functools.lru_cache(maxsize=2)
+def block_codes(seed: int, num_rows: int, block: int) -> np.ndarray:
+    """int8 +-1 codes (rows x c) of one whole data block."""
+    rows = min(DATA_BLOCK, num_rows - block * DATA_BLOCK)
+    return np.random.default_rng([seed, 13, block]).integers(0, 2, (rows, CODE_LENGTH), dtype=np.int8) * 2 - 1
+
+
+def data_rows(draw: Callable, seed: int, num_rows: int) -> Callable[[int, int], np.ndarray]:
+    """rows(lo, hi) of the synthetic database (labels or codes), from the blocks they fall in."""
+    def rows(lo: int, hi: int) -> np.ndarray:
+        parts = [draw(seed, num_rows, block)[a - block * DATA_BLOCK:b - block * DATA_BLOCK]
+                 for block, a, b in data_blocks(num_rows, lo, hi)]
+        return np.concatenate(parts) if parts else draw(seed, num_rows, 0)[:0]
+    return rows
 
 
 def problem_draws(seed: int, num_rows: int, world_size: int) -> dict:
@@ -126,13 +139,6 @@ def problem_draws(seed: int, num_rows: int, world_size: int) -> dict:
 def query_subset(count: int) -> torch.Tensor:
     """`count` of the queries, evenly spaced (so every tag's block of queries is represented)."""
     return torch.from_numpy(np.arange(count, dtype=np.int64) * NUM_QUERIES // count)
-
-
-def label_keys(labels: torch.Tensor) -> torch.Tensor:
-    """Each 0/1 row as one int64, first column most significant: sorting the keys sorts the rows, the order of
-    hashing.label_patterns' table."""
-    weights = 2 ** torch.arange(labels.shape[1] - 1, -1, -1, dtype=torch.int64, device=labels.device)
-    return ((labels != 0).to(torch.int64) * weights).sum(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,82 +206,35 @@ def digest(packed: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(packed).tobytes()).hexdigest()
 
 
-def row_blocks(num_rows: int, block_rows: int) -> Iterator[Tuple[int, int]]:
-    for lo in range(0, num_rows, block_rows):
-        yield lo, min(num_rows, lo + block_rows)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The sharded path
 
 
 def sharded_path(args, draws: dict, clock: Clock) -> dict:
+    """The training loop's sharded database itself (distributed/sharded.py RowShard), driven phase by phase."""
     ctx = comm.context()
-    device, n, B = ctx.device, args.rows, args.block_rows
-    start, end = S.shard_bounds(n)
-    rows = end - start
+    device, n = ctx.device, args.rows
     setup_started = time.perf_counter()
-    # Per-rank state: packed codes and int32 pattern ids (keys first, turned into ids once the table is known).
-    packed = torch.empty(rows, packed_width(CODE_LENGTH), dtype=torch.uint8, device=device)
-    ids = torch.empty(rows, dtype=torch.int32, device=device)
-    distinct = []
-    for block, lo, hi in data_blocks(n, start, end):
-        labels, codes = block_data(args.seed, n, block, lo, hi)
-        labels = torch.from_numpy(labels).to(device)
-        packed[lo - start:hi - start] = pack_codes(torch.from_numpy(codes).to(device))
-        ids[lo - start:hi - start] = label_keys(labels).to(torch.int32)   # 21 bits: fits
-        distinct.append(hashing.label_patterns(labels)[0])
-    local_table = (hashing.label_patterns(torch.cat(distinct))[0] if distinct
-                   else torch.zeros(0, nus_synth.NUM_TAGS, dtype=torch.bool, device=device))
-    # The table of every rank's distinct rows is the table of every rank's rows.
-    table, _ = S.pattern_table(local_table)
-    table_keys = label_keys(table)
-    keys = ids.to(torch.int64)
-    found = torch.searchsorted(table_keys, keys).clamp(max=table.shape[0] - 1)
-    if rows and not bool((table_keys[found] == keys).all()):
-        raise RuntimeError("a row's label pattern is missing from the shared table")
-    ids.copy_(found.to(torch.int32))
-    del keys, found, distinct
-    table_f = table.to(torch.float32)
-    state_bytes = packed.numel() + ids.numel() * 4 + table.numel()
+    shard = S.RowShard(n, 0, CODE_LENGTH, data_rows(block_labels, args.seed, n), data_rows(block_codes, args.seed, n),
+                       block_rows=args.block_rows, device=device)
+    block_labels.cache_clear()
+    block_codes.cache_clear()
+    state_bytes = shard.packed.numel() + shard.pattern_ids.numel() * 4 + shard.patterns.numel()
     setup = {"setup_s": time.perf_counter() - setup_started, "setup_peak_rss": peak_rss()}
     comm.barrier()
 
-    sample, order = draws["sample"].to(device), draws["order"].to(device)
-    sample_u = sample[order]   # the sample in the order U is gathered in
-    m = sample.shape[0]
-
+    sample = draws["sample"].to(device)
     with clock.phase("sample"):
-        # The sample's pattern ids and own codes (the quantization term's), from the rank holding each row.
-        owned = (sample_u >= start) & (sample_u < end)
-        local = torch.zeros(m, 1 + packed.shape[1], dtype=torch.int64, device=device)
-        at = sample_u[owned] - start
-        local[owned, 0] = ids[at].to(torch.int64)
-        local[owned, 1:] = packed[at].to(torch.int64)
-        gathered = clock.collective(lambda: comm.all_reduce_sum(local))
-        sample_ids, sample_packed = gathered[:, 0], gathered[:, 1:].to(torch.uint8)
-        sample_labels = table_f[sample_ids]
-        own_codes = unpack_codes(sample_packed, CODE_LENGTH)
+        # The sample's own codes and pattern ids, from the ranks holding them (the loop reads the labels from
+        # the prepared data; here they are the pattern table's rows).
+        order, own_codes, sample_ids = clock.collective(lambda: shard.sample_rows(sample))
+        sample_labels = shard.patterns[sample_ids].to(torch.float32)
 
     with clock.phase("r"):
-        positives = 0
-        for lo, hi in row_blocks(rows, B):
-            block_ids = ids[lo:hi].to(torch.int64)
-            positives += hashing.count_similar_pairs(sample_labels, table[block_ids], db_patterns=(table, block_ids))
-        total = clock.collective(lambda: comm.all_reduce_sum(torch.tensor([positives], dtype=torch.int64,
-                                                                          device=device)))
-        r = hashing.soft_offset_from_counts(int(total.item()), m * n)
+        r = shard.similarity_offset(sample_labels)
 
     with clock.phase("hash-term stats"):
-        partials = hashing.hash_term_partials(torch.zeros(0, CODE_LENGTH, dtype=torch.int8, device=device),
-                                              torch.zeros(0, dtype=torch.int64, device=device), table.shape[0])
-        for lo, hi in row_blocks(rows, B):
-            partials = partials + hashing.hash_term_partials(unpack_codes(packed[lo:hi], CODE_LENGTH),
-                                                             ids[lo:hi].to(torch.int64), table.shape[0])
-        summed = hashing.HashTermPartials(gram=clock.collective(lambda: comm.all_reduce_sum(partials.gram)),
-                                          per_pattern=clock.collective(
-                                              lambda: comm.all_reduce_sum(partials.per_pattern)))
-        stats = hashing.hash_term_stats_from_partials(summed, table, ids, n, r)
+        stats = clock.collective(lambda: shard.hash_term_stats(r))
 
     with clock.phase("gather U"):
         mine = torch.from_numpy(draws["slots"][ctx.rank]).to(device)
@@ -283,18 +242,8 @@ def sharded_path(args, draws: dict, clock: Clock) -> dict:
         sample_rows = clock.collective(lambda: comm.gather_rows(sample[mine]))
 
     with clock.phase("dcc"):
-        # The factorization is the whole database's decision: the table holds every rank's patterns.
-        factorize = hashing.is_single_label(table) and hashing.is_single_label(sample_labels)
-        changed = torch.zeros(1 + CODE_LENGTH, dtype=torch.int64, device=device)   # bits changed, per-bit sums
-        for lo, hi in row_blocks(rows, B):
-            before = unpack_codes(packed[lo:hi], CODE_LENGTH)
-            block_ids = ids[lo:hi].to(torch.int64)
-            after = dcc.solve_dcc_rows(before.to(torch.float32), start + lo, U, sample_labels, sample_rows,
-                                       table[block_ids], GAMMA, r, 0, factorize=factorize,
-                                       db_patterns=(table, block_ids)).to(torch.int8)
-            changed[0] += (after != before).sum()
-            changed[1:] += after.sum(dim=0)
-            packed[lo:hi] = pack_codes(after)
+        labels_of_sample = shard.patterns[sample_ids[torch.searchsorted(order, sample_rows)]].to(torch.float32)
+        changed = shard.update_codes(U, labels_of_sample, sample_rows, GAMMA, r)
 
     with clock.phase("exchange"):
         totals = clock.collective(lambda: comm.all_reduce_sum(changed))
@@ -302,33 +251,19 @@ def sharded_path(args, draws: dict, clock: Clock) -> dict:
                   "bit_imbalance": float((totals[1:].double() / n).abs().mean())}
 
     folder = args.work / "sharded-codes-iteration1"
+    start, end = shard.first_row, shard.end_row
     with clock.phase("checkpoint"):
-        clock.collective(lambda: comm.save_rank_tensors({f"codes.rows{start}-{end}": packed}, folder))
+        clock.collective(lambda: comm.save_rank_tensors({f"rows_{start}_{end}": shard.packed}, folder))
     checkpoint_bytes = sum(f.stat().st_size for f in folder.iterdir()) if ctx.is_main else None
 
     subset = query_subset(args.queries).to(device)
-    query_codes = draws["query_codes"].to(device)[subset].to(torch.float32)
+    query_codes = draws["query_codes"].to(device)[subset]
     query_labels = draws["query_labels"].to(device)[subset].to(torch.float32)
     with clock.phase("evaluation"):
-        counts = []
-        for lo, hi in row_blocks(rows, B):
-            counts.append(metrics.shard_distance_counts(query_codes, unpack_codes(packed[lo:hi], CODE_LENGTH).float(),
-                                                        query_labels, table_f[ids[lo:hi].to(torch.int64)]))
-        local = (torch.stack(counts).sum(dim=0) if counts else
-                 torch.zeros(query_codes.shape[0], 2, CODE_LENGTH + 1, dtype=torch.int64, device=device))
-        total = clock.collective(lambda: comm.all_reduce_sum(local))
-        before = clock.collective(lambda: comm.exclusive_prefix_sum(local))
-        sums = torch.zeros(query_codes.shape[0], 4, dtype=torch.float64, device=device)
-        for (lo, hi), block_counts in zip(row_blocks(rows, B), counts):
-            sums += metrics.shard_rank_sums(query_codes, unpack_codes(packed[lo:hi], CODE_LENGTH).float(),
-                                            query_labels, table_f[ids[lo:hi].to(torch.int64)], total, before,
-                                            TOPK, PRECISION_K)
-            before = before + block_counts   # the block's rows precede the next block's
-        sums = clock.collective(lambda: comm.all_reduce_sum(sums))
-        row = metrics.sharded_retrieval_row(total, sums, query_labels.cpu(), NUM_SEEN, TOPK, PRECISION_K)
+        row = clock.collective(lambda: shard.retrieval_row(query_codes, query_labels, NUM_SEEN, TOPK, PRECISION_K))
 
-    return {"r": r, "stats": stats, "row": row, "update": update, "digest": digest(packed.cpu().numpy()),
-            "rows_held": (start, end), "state_bytes": state_bytes, "patterns": int(table.shape[0]),
+    return {"r": r, "stats": stats, "row": row, "update": update, "digest": digest(shard.packed.cpu().numpy()),
+            "rows_held": (start, end), "state_bytes": state_bytes, "patterns": int(shard.patterns.shape[0]),
             "sample_codes_sum": int(own_codes.to(torch.int64).sum()), "checkpoint_bytes": checkpoint_bytes,
             "checkpoint": str(folder), **setup}
 
@@ -343,10 +278,10 @@ def rank0_path(args, draws: dict, clock: Clock) -> dict:
     setup_started = time.perf_counter()
     codes = torch.empty(n, CODE_LENGTH, dtype=torch.float32, device=device)
     labels = torch.empty(n, nus_synth.NUM_TAGS, dtype=torch.float32, device=device)
-    for block, lo, hi in data_blocks(n, 0, n):
-        block_labels, block_codes = block_data(args.seed, n, block, lo, hi)
-        labels[lo:hi] = torch.from_numpy(block_labels).to(device)
-        codes[lo:hi] = torch.from_numpy(block_codes).to(device)
+    labels_of, codes_of = data_rows(block_labels, args.seed, n), data_rows(block_codes, args.seed, n)
+    for _, lo, hi in data_blocks(n, 0, n):
+        labels[lo:hi] = torch.from_numpy(labels_of(lo, hi)).to(device)
+        codes[lo:hi] = torch.from_numpy(codes_of(lo, hi)).to(device)
     patterns, pattern_of_row = hashing.label_patterns(labels)
     learned_patterns = hashing.label_patterns(labels)   # labels[num_frozen:], num_frozen = 0
     state_bytes = sum(t.numel() * t.element_size()
