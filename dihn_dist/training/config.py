@@ -37,13 +37,12 @@ from ..models.networks import ARCHITECTURES, PRECISIONS, SWITCHES, has_trunk
 CHECKPOINT_EVERY = 5
 
 # --shard-database auto: on from this many database rows of a stage, with more than one process. The
-# evidence (docs/performance.md, internet-scale database): at 2M rows (c = 48, 2 ranks on CPU) the sharded
-# non-network iteration took 19.1 s against the rank-0 path's 28.9 s, but its evaluation 1,066 s against
-# 134 s (its metrics use the torch ranking, the rank-0 path the numpy one), so with an evaluation at the end
-# of a stage the rank-0 path is still faster there in total; it grows by about 1.1 GiB a rank per million
-# rows, so at 20M rows (estimated 22.7 GiB a rank) it no longer fits the 24 GiB machine measured on, where
-# the sharded path ran (2.1 GiB a rank). 10M lies between the two measured sizes.
-SHARD_DATABASE_ROWS = 10_000_000
+# evidence (docs/performance.md, internet-scale database; 2 ranks on a 2-core CPU, c = 48, one outer
+# iteration's non-network work + one evaluation of 2,100 queries, sharded against rank-0 path): 50k rows
+# 0.17 + 1.37 s against 0.25 + 1.00 s (the whole path ahead), 200k rows 0.55 + 3.83 s against 0.94 + 3.96 s,
+# 2M rows 4.8 + 37.3 s against 8.6 + 36.0 s (sharded ahead, at two thirds of the memory); from 20M rows the
+# rank-0 path no longer fits a 24 GiB machine. So sharding starts to pay between 50k and 200k rows.
+SHARD_DATABASE_ROWS = 200_000
 SHARD_DATABASE = ("auto", "on", "off")
 
 @dataclass(frozen=True)
