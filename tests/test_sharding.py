@@ -162,6 +162,17 @@ def test_shard_bounds_cover_the_rows_in_rank_order():
 WORKER = Path(__file__).with_name("sharded_worker.py")
 
 
+def assert_same_solution(got, expected, num_frozen):
+    """RowShard's r, statistics, codes, checksums and row (sharded_worker.sharded) are the whole path's."""
+    assert got["r"] == expected["r"]
+    for name in ("gram", "targets", "target_norms"):
+        assert torch.equal(got[name], expected[name]), name
+    assert torch.equal(got["codes"], expected["codes"].to(torch.int8))
+    assert got["checksum"] == codes_checksum(expected["codes"])
+    assert got["frozen_checksum"] == codes_checksum(expected["codes"][:num_frozen])
+    assert_same_row(got["row"], expected["row"])
+
+
 @pytest.mark.parametrize("nproc", [2, 3])
 @pytest.mark.parametrize("multi, num_frozen, topk", [(False, 40, 0), (True, 50, 20)], ids=["single", "multi"])
 def test_torchrun_sharded_path_equals_the_one_process_path(nproc, multi, num_frozen, topk, tmp_path):
@@ -176,13 +187,7 @@ def test_torchrun_sharded_path_equals_the_one_process_path(nproc, multi, num_fro
     expected = W.one_process(W.make_problem(7, multi, num_frozen, topk or None), nproc)
     assert got["world_size"] == nproc
     assert got["rows_held"] == [shard_bounds(N, nproc, rank) for rank in range(nproc)]
-    assert got["r"] == expected["r"]
-    for name in ("gram", "targets", "target_norms"):
-        assert torch.equal(got[name], expected[name]), name
-    assert torch.equal(got["codes"], expected["codes"].to(torch.int8))
-    assert got["checksum"] == codes_checksum(expected["codes"])
-    assert got["frozen_checksum"] == codes_checksum(expected["codes"][:num_frozen])
-    assert_same_row(got["row"], expected["row"])
+    assert_same_solution(got, expected, num_frozen)
     assert all(row == got["row"] for row in got["rows_agree"])  # every rank has the same row
 
 
@@ -192,10 +197,4 @@ def test_row_shard_in_one_process_is_the_whole_database_path(multi, num_frozen, 
     one, or cover it all)."""
     problem = W.make_problem(8, multi, num_frozen, topk)
     got, expected = W.sharded(problem), W.one_process(problem, 1)
-    assert got["r"] == expected["r"]
-    for name in ("gram", "targets", "target_norms"):
-        assert torch.equal(got[name], expected[name]), name
-    assert torch.equal(got["codes"], expected["codes"].to(torch.int8))
-    assert got["checksum"] == codes_checksum(expected["codes"])
-    assert got["frozen_checksum"] == codes_checksum(expected["codes"][:num_frozen])
-    assert_same_row(got["row"], expected["row"])
+    assert_same_solution(got, expected, num_frozen)
