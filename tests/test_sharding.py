@@ -198,3 +198,40 @@ def test_row_shard_in_one_process_is_the_whole_database_path(multi, num_frozen, 
     problem = W.make_problem(8, multi, num_frozen, topk)
     got, expected = W.sharded(problem), W.one_process(problem, 1)
     assert_same_solution(got, expected, num_frozen)
+
+
+def test_row_shard_restores_packed_or_int8_rows():
+    """A checkpoint's rows come packed (sharded runs) or as int8 +-1 (whole-database runs, and the first
+    sharded checkpoints): both restore; rows of another shard are refused."""
+    from dihn_dist.common.codes import pack_codes
+    from dihn_dist.distributed.sharded import RowShard
+
+    problem = W.make_problem(9, True, 0, None)
+    codes, labels = problem["codes"].to(torch.int8), problem["labels"]
+    shard = RowShard(N, 0, W.CODE_LENGTH, lambda a, b: labels[a:b], lambda a, b: codes[a:b], block_rows=13)
+    shard.restore(-codes)
+    assert torch.equal(shard.codes(0, N), -codes)
+    shard.restore(pack_codes(codes))
+    assert torch.equal(shard.codes(0, N), codes)
+    with pytest.raises(ValueError, match=f"saved codes: expected rows 0..{N}"):
+        shard.restore(codes[:5])
+
+
+def test_initial_codes_of_any_row_range_are_the_whole_databases(monkeypatch):
+    """A shard draws its rows' initial codes from the one seeded stream (skipping, in pieces, the rows before
+    its own): any range, asked in any order, is that range of initial_codes."""
+    from types import SimpleNamespace
+
+    from dihn_dist.training.stages import InitialCodes, Stage, initial_codes, seeded_generator
+
+    monkeypatch.setattr(InitialCodes, "DRAW_ROWS", 4)
+    stage, config = Stage("incremental", 50, 17, 0.1, 1.0), SimpleNamespace(seed=3, code_length=12)
+    frozen = (torch.randint(0, 2, (17, 12), generator=torch.Generator().manual_seed(1)) * 2 - 1).to(torch.int8)
+    whole = initial_codes(stage, config, frozen)
+    assert torch.equal(whole[:17], frozen)
+    # the draws of every earlier version (one int64 randint of all learned rows): runs keep their codes
+    earlier = torch.randint(0, 2, (33, 12), generator=seeded_generator(3, stage.seed_key, -1)) * 2 - 1
+    assert torch.equal(whole[17:], earlier.to(torch.int8))
+    rows = InitialCodes(stage, config, lambda a, b: frozen[a:b])
+    for first, end in [(20, 33), (0, 50), (45, 50), (3, 18), (17, 17), (30, 41)]:
+        assert torch.equal(rows(first, end), whole[first:end]), (first, end)
