@@ -91,3 +91,24 @@ def test_old_codes_from_elsewhere(chain, tmp_path, capsys):
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert str(tmp_path / name) in line and expected[name] in line, line
         assert not out.exists()
+
+
+def test_codes_files_are_checked_a_block_at_a_time(tmp_path):
+    """B_old's file is checked over its memory map a block of rows at a time: a bad value or padding bit in a
+    later block is still found, named by its row; rows are then read from the map, packed or not."""
+    from dihn_dist.training.run_reader import check_codes_file, code_rows
+
+    codes = np.where(np.random.default_rng(0).random((10, 6)) < 0.5, -1, 1).astype(np.int8)
+    bad = codes.copy()
+    bad[7, 3] = 0
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(ValueError, match="row 7 column 3 holds 0"):
+        check_codes_file(tmp_path / "bad.npy", 6, block_rows=3)
+    padded = np.packbits(codes > 0, axis=1)
+    padded[8, 0] |= 1  # bit 7 of 8: beyond the 6 bits of a code
+    np.save(tmp_path / "padded.npy", padded)
+    with pytest.raises(ValueError, match="padding bits beyond bit 6"):
+        check_codes_file(tmp_path / "padded.npy", 6, block_rows=3)
+    for name, array in (("plain.npy", codes), ("packed.npy", np.packbits(codes > 0, axis=1))):
+        np.save(tmp_path / name, array)
+        assert np.array_equal(code_rows(check_codes_file(tmp_path / name, 6, block_rows=3), 6, 4, 9), codes[4:9])

@@ -156,13 +156,14 @@ def read_json(path: Path, root: Path, damaged_hint: Optional[str] = None) -> dic
     return value
 
 
-def load_npy(path: Path, missing: str, hint: str = "", missing_error=FileNotFoundError, bad_error=ValueError):
+def load_npy(path: Path, missing: str, hint: str = "", missing_error=FileNotFoundError, bad_error=ValueError,
+             mmap_mode: Optional[str] = None):
     """np.load without pickles; a missing or unreadable file is one error naming it (`missing` says what was
     expected there, `hint` how to get it)."""
     if not path.is_file():
         raise missing_error(f"{path}{missing}")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except (ValueError, OSError) as error:
         raise bad_error(f"{path}: not a readable .npy file ({error}){hint}") from error
 
@@ -291,27 +292,45 @@ def load_codes_file(path, code_length: Optional[int] = None) -> np.ndarray:
     exports them, database_codes.npy), or uint8 rows of numpy.packbits(codes > 0, axis=1) (the trainer's
     database_codes.packed.npy; code_length is then needed, padding bits must be 0). One-line errors name
     the file and what was expected."""
+    array = np.asarray(check_codes_file(path, code_length))
+    return unpack_codes(array, code_length) if array.dtype == np.uint8 else array.astype(np.int8)
+
+
+def check_codes_file(path, code_length: Optional[int] = None, block_rows: int = 1 << 20) -> np.ndarray:
+    """load_codes_file's checks without its conversion: the file memory-mapped and its values checked a block
+    of rows at a time, so that checking a file of any size holds one block. Returns the mapped array (packed
+    uint8 rows or +-1 rows; code_rows reads rows of it)."""
     path = Path(path)
-    array = load_npy(path, ": no such file (expected a .npy of +-1 codes or of packed bits)")
+    array = load_npy(path, ": no such file (expected a .npy of +-1 codes or of packed bits)", mmap_mode="r")
     if array.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D array (one code per row), got shape {array.shape}")
+    blocks = [(lo, min(lo + block_rows, array.shape[0])) for lo in range(0, array.shape[0], block_rows)]
     if array.dtype == np.uint8:
         if code_length is None:
             raise ValueError(f"{path}: holds packed bits (uint8); pass --code-length to say how many bits a code has")
         if array.shape[1] != (code_length + 7) // 8:
             raise ValueError(f"{path}: packed rows of {array.shape[1]} bytes, but {code_length}-bit codes take "
                              f"{(code_length + 7) // 8}")
-        if code_length % 8 and (np.unpackbits(array[:, -1:], axis=1)[:, code_length % 8:] != 0).any():
-            raise ValueError(f"{path}: padding bits beyond bit {code_length} are set: not packbits of "
-                             f"{code_length}-bit codes (another bit order or code length?)")
-        return unpack_codes(array, code_length)
+        for lo, hi in blocks if code_length % 8 else []:
+            if (np.unpackbits(array[lo:hi, -1:], axis=1)[:, code_length % 8:] != 0).any():
+                raise ValueError(f"{path}: padding bits beyond bit {code_length} are set: not packbits of "
+                                 f"{code_length}-bit codes (another bit order or code length?)")
+        return array
     if array.dtype.kind not in "iuf":
         raise ValueError(f"{path}: expected +-1 codes (int8) or packed bits (uint8), got dtype {array.dtype}")
-    bad = ~np.isin(array, (-1, 1))
-    if bad.any():
-        row, column = np.argwhere(bad)[0]
-        raise ValueError(f"{path}: codes must be +-1, row {row} column {column} holds {array[row, column]!r} "
-                         f"(0/1 bits? pack them with numpy.packbits(bits, axis=1) and pass the uint8 file)")
+    for lo, hi in blocks:
+        bad = ~np.isin(array[lo:hi], (-1, 1))
+        if bad.any():
+            row, column = np.argwhere(bad)[0]
+            raise ValueError(f"{path}: codes must be +-1, row {lo + row} column {column} holds "
+                             f"{array[lo + row, column].item()!r} (0/1 bits? pack them with numpy.packbits(bits, axis=1) "
+                             f"and pass the uint8 file)")
     if code_length is not None and array.shape[1] != code_length:
         raise ValueError(f"{path}: codes of {array.shape[1]} bits, this run uses --code-length {code_length}")
-    return array.astype(np.int8)
+    return array
+
+
+def code_rows(array: np.ndarray, code_length: int, first: int, end: int) -> np.ndarray:
+    """Rows [first, end) of a checked codes array (check_codes_file) as int8 +-1."""
+    rows = np.asarray(array[first:end])
+    return unpack_codes(rows, code_length) if rows.dtype == np.uint8 else rows.astype(np.int8)

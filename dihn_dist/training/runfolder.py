@@ -31,7 +31,7 @@ import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -54,8 +54,7 @@ from ..common.formats import (
     train_command,
 )
 from ..distributed import comm
-from ..method.hashing import check_codes
-from .run_reader import load_codes_file, load_run, stage_train_command
+from .run_reader import check_codes_file, code_rows, load_codes_file, load_run, stage_train_command
 
 
 def atomic_save_numpy(path: Path, array: np.ndarray) -> None:
@@ -546,30 +545,26 @@ def _default_of(name: str):
 
 
 def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
-    """B_old, every row checked (find_old_codes)."""
-    return find_old_codes(config, data, run)[1]
+    """B_old, whole (find_old_codes names and checks its file)."""
+    return torch.from_numpy(load_codes_file(find_old_codes(config, data, run), config.code_length))
 
 
 def old_code_rows(config, data, run: RunFolder) -> Callable[[int, int], np.ndarray]:
-    """B_old as rows read on demand: rank 0 checks the file whole (find_old_codes), then each rank reads only
-    the rows it asks for (memory-mapped), so a sharded stage never holds B_old whole on any rank but rank 0's
-    check."""
-    path = comm.rank0_decides(lambda: find_old_codes(config, data, run)[0])
-    codes = np.load(path, mmap_mode="r", allow_pickle=False)
-    if codes.dtype == np.uint8:
-        return lambda a, b: unpack_codes(np.asarray(codes[a:b]), config.code_length)
-    return lambda a, b: np.asarray(codes[a:b]).astype(np.int8)
+    """B_old as rows read on demand: rank 0 checks the file (find_old_codes, a block at a time), then each rank
+    reads only the rows it asks for (memory-mapped), so no rank holds B_old whole."""
+    codes = np.load(comm.rank0_decides(lambda: find_old_codes(config, data, run)), mmap_mode="r", allow_pickle=False)
+    return lambda a, b: code_rows(codes, config.code_length, a, b)
 
 
-def find_old_codes(config, data, run: RunFolder) -> Tuple[str, torch.Tensor]:
-    """(the file, B_old): the codes of the data's inherited rows [0, num_original), which stage 2 keeps bit for bit.
+def find_old_codes(config, data, run: RunFolder) -> str:
+    """The file of B_old, checked: the codes of the data's inherited rows [0, num_original), which stage 2
+    keeps bit for bit.
 
     From --old-codes FILE (codes from elsewhere), from --old-run RUN (RUN's database must be the beginning
     of --data's, checked item by item; its --old-stage, default the last finished stage whose codes cover
-    the inherited rows), or from this run's own finished stage 1."""
+    the inherited rows), or from this run's own finished stage 1 (their database_codes.packed.npy)."""
     if config.old_codes:
         name = config.old_codes
-        codes = torch.from_numpy(load_codes_file(config.old_codes, config.code_length))
     else:
         source = RunFolder(config.old_run) if config.old_run else run
         if config.old_run:
@@ -582,12 +577,12 @@ def find_old_codes(config, data, run: RunFolder) -> Tuple[str, torch.Tensor]:
                    f"train it with `{stage_train_command(load_run(source.root), stage)}`")
                 + ", or pass --old-run RUN_DIR of a run that has one (or --old-codes FILE)")
         name = f"{source.root}/{stage}/database_codes.packed.npy"
-        codes = torch.from_numpy(load_run(source.root).stage(stage).database_codes)
-    if tuple(codes.shape) != (data.num_original, config.code_length):
+    codes = check_codes_file(name, config.code_length)
+    shape = (codes.shape[0], config.code_length if codes.dtype == np.uint8 else codes.shape[1])
+    if shape != (data.num_original, config.code_length):
         raise ValueError(f"{name}: expected ({data.num_original}, {config.code_length}) codes, one per inherited "
-                         f"database row of --data {data.root}, found {tuple(codes.shape)}")
-    check_codes(name, codes)
-    return name, codes
+                         f"database row of --data {data.root}, found {shape}")
+    return name
 
 
 def check_old_run(source: RunFolder, config, data) -> None:
