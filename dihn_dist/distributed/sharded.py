@@ -77,8 +77,8 @@ class RowShard:
             self.packed[lo:hi] = pack_codes(codes)
         # Rows per pattern (all rows, and the learned ones): r needs no pass over the rows, and the learned
         # rows' table (what DCC forms its products over) is the rows of the table that learned rows carry.
-        counts = torch.stack([self.pattern_counts(0, self.num_held), self.pattern_counts(self.learned_start,
-                                                                                         self.num_held)])
+        learned = self.pattern_counts(self.learned_start, self.num_held)
+        counts = torch.stack([self.pattern_counts(0, self.learned_start) + learned, learned])
         self.rows_per_pattern, learned_per_pattern = comm.all_reduce_sum(counts)
         in_learned = learned_per_pattern > 0
         self.learned_patterns = self.patterns[in_learned]
@@ -141,8 +141,7 @@ class RowShard:
         in rank order, so the gathered rows come in the sorted sample's order."""
         order = torch.sort(sample.to(self.device)).values
         mine = order[(order >= self.first_row) & (order < self.end_row)] - self.first_row
-        local = torch.cat([self.pattern_ids[mine].to(torch.int32).unsqueeze(1), self.packed[mine].to(torch.int32)],
-                          dim=1)
+        local = torch.cat([self.pattern_ids[mine].unsqueeze(1), self.packed[mine].to(torch.int32)], dim=1)
         gathered = comm.gather_rows(local).to(self.device)
         return order, unpack_codes(gathered[:, 1:].to(torch.uint8), self.code_length), gathered[:, 0].long()
 

@@ -60,7 +60,7 @@ from .reporting import (
     progress,
 )
 from .database import shards_database, stage_database
-from .runfolder import RunFolder, check_same_weights, load_old_codes, old_code_rows
+from .runfolder import RunFolder, check_same_weights, find_old_codes, old_code_rows
 from .stages import InitialCodes, Stage, sample_positions, seed_of, seeded_generator, stage_spec
 
 
@@ -131,7 +131,7 @@ def check_inputs_of(config: Config, run: RunFolder):
 def check_old_codes(config: Config, data: PreparedData, run: RunFolder) -> None:
     """B_old can be read, unless this run's stage 2 is finished already."""
     if not run.stage_complete(INCREMENTAL):
-        load_old_codes(config, data, run)
+        find_old_codes(config, data, run)
 
 
 def describe_plan(config: Config, data: PreparedData, run: RunFolder, weights: Optional[Weights]) -> list:
@@ -204,7 +204,8 @@ def run_stage(name: str, config: Config, data: PreparedData, run: RunFolder, rep
         logger.info(f"stage {name}: already complete in {run.root}, skipped")
         return finished
     stage = stage_spec(name, config, data)
-    frozen_rows = old_code_rows(config, data, run) if name == INCREMENTAL else None
+    frozen_rows = (old_code_rows(config, data, run, shards_database(config, stage.num_database))
+                   if name == INCREMENTAL else None)
     training = StageTraining(stage, config, data, run, reporter, InitialCodes(stage, config, frozen_rows), weights)
     if training.database.sharded:
         logger.info(f"stage {name}: the database is split by rows over {comm.context().world_size} processes "

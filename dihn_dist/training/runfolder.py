@@ -549,9 +549,14 @@ def load_old_codes(config, data, run: RunFolder) -> torch.Tensor:
     return torch.from_numpy(load_codes_file(find_old_codes(config, data, run), config.code_length))
 
 
-def old_code_rows(config, data, run: RunFolder) -> Callable[[int, int], np.ndarray]:
-    """B_old as rows read on demand: rank 0 checks the file (find_old_codes, a block at a time), then each rank
-    reads only the rows it asks for (memory-mapped), so no rank holds B_old whole."""
+def old_code_rows(config, data, run: RunFolder, sharded: bool) -> Callable[[int, int], object]:
+    """B_old as rows [a, b) on demand. Whole database (sharded False): rank 0 reads every row and sends them, so
+    a rank on a node that does not see the file yet gets them too. Sharded: rank 0 checks the file
+    (find_old_codes, a block at a time), then each rank reads only its rows of it (memory-mapped; the run
+    folder is on storage every node sees, as the shards' checkpoints need), so no rank holds B_old whole."""
+    if not sharded:
+        codes = comm.rank0_decides(lambda: load_old_codes(config, data, run))
+        return lambda a, b: codes[a:b]
     codes = np.load(comm.rank0_decides(lambda: find_old_codes(config, data, run)), mmap_mode="r", allow_pickle=False)
     return lambda a, b: code_rows(codes, config.code_length, a, b)
 
